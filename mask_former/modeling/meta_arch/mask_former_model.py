@@ -161,6 +161,9 @@ class MaskFormer(nn.Module):
         Returns:
             dict[str, Tensor]: weighted losses in training; list[dict] of results in inference.
         """
+        if self.training and "instances" not in batched_inputs[0]:
+            raise ValueError("MaskFormer training needs 'instances' (gt_classes, gt_masks) in "
+                             "every input dict; check the dataset mapper")
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         outputs = self.sem_seg_head(features)
@@ -187,9 +190,6 @@ class MaskFormer(nn.Module):
 
     def prepare_targets(self, batched_inputs, images):
         """Pads every image's ground-truth masks to the padded batch size."""
-        if "instances" not in batched_inputs[0]:
-            raise ValueError("MaskFormer training needs 'instances' (gt_classes, gt_masks) in "
-                             "every input dict; check the dataset mapper")
         height, width = images.tensor.shape[-2:]
         targets = []
         for x in batched_inputs:

@@ -3,7 +3,9 @@ DETR-style transformer encoder / decoder layers (post-norm by default, pre-norm 
 
 Sequences are laid out as [L, B, C] (length first), the layout of ``nn.MultiheadAttention``.
 Parameter names (``self_attn``, ``multihead_attn``, ``linear1``, ``linear2``, ``norm1..3``) are
-those of the published checkpoints.
+those of the published checkpoints. Attention is called with ``need_weights=True``, the published
+code path: its results are bit-identical to the published model's on CPU (the fused kernel that
+``need_weights=False`` selects rounds differently).
 """
 import copy
 
@@ -62,7 +64,7 @@ class TransformerEncoderLayer(nn.Module):
         q = k = _with_pos(src, pos)
         return self.self_attn(
             q, k, value=src, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-            need_weights=False,
+            need_weights=True,
         )[0]
 
     def _feed_forward(self, src):
@@ -125,7 +127,7 @@ class TransformerDecoderLayer(nn.Module):
         x = self.norm1(tgt) if pre else tgt
         q = k = _with_pos(x, query_pos)
         x = self.self_attn(q, k, value=x, attn_mask=tgt_mask,
-                           key_padding_mask=tgt_key_padding_mask, need_weights=False)[0]
+                           key_padding_mask=tgt_key_padding_mask, need_weights=True)[0]
         tgt = tgt + self.dropout1(x)
         if not pre:
             tgt = self.norm1(tgt)
@@ -133,7 +135,7 @@ class TransformerDecoderLayer(nn.Module):
         x = self.norm2(tgt) if pre else tgt
         x = self.multihead_attn(
             query=_with_pos(x, query_pos), key=_with_pos(memory, pos), value=memory,
-            attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask, need_weights=False,
+            attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask, need_weights=True,
         )[0]
         tgt = tgt + self.dropout2(x)
         if not pre:
