@@ -16,10 +16,7 @@ from detectron2.config import CfgNode as CN
 __all__ = ["add_mask_former_config", "add_maskformer2_config", "OWN_CONFIG_KEYS"]
 
 # Full names of the keys this project adds beyond the published adders; documented in README.md.
-OWN_CONFIG_KEYS = (
-    "MODEL.MASK_FORMER.FAMILY",
-    "MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL",
-)
+OWN_CONFIG_KEYS = ("MODEL.MASK_FORMER.FAMILY",)
 
 
 def _add_deeplab_keys(cfg):
@@ -132,9 +129,6 @@ def add_mask_former_config(cfg):
     # MODEL.MASK_FORMER.NHEADS); kept for compatibility, and likewise unread here.
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
-    # Multi-scale deformable attention kernel (ours): "auto" (fused GPU kernel when available,
-    # else pure PyTorch), "pytorch" or "triton".
-    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL = "auto"
 
     # ---------------------------------------------------------------- MODEL.SWIN
     cfg.MODEL.SWIN = CN()
