@@ -1,0 +1,3 @@
+"""Dataset registrations; importing a module registers its datasets (data is prepared on use)."""
+
+from . import shapes  # noqa: F401
