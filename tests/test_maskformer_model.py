@@ -181,3 +181,15 @@ def test_family_derivation_and_override():
     cfg.MODEL.MASK_FORMER.FAMILY = "Mask3Former"
     with pytest.raises(ValueError, match="Mask3Former"):
         resolve_family(cfg)
+
+
+@pytest.mark.parametrize("image_size, out", [((40, 60), (40, 60)), ((33, 50), (33, 50)),
+                                             ((33, 50), (70, 20))])
+def test_resize_to_output_equals_detectron2_postprocess(image_size, out):
+    from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+    from mask_former.modeling.meta_arch.mask_former_model import resize_to_output
+
+    maps = torch.randn(5, 40, 60)
+    expected = sem_seg_postprocess(maps, image_size, *out)
+    assert torch.equal(resize_to_output(maps, image_size, *out), expected)

@@ -41,6 +41,18 @@ def resolve_family(cfg):
     return family
 
 
+def resize_to_output(maps, image_size, height, width):
+    """
+    detectron2's ``sem_seg_postprocess``: crops [C, H_pad, W_pad] maps to ``image_size`` and
+    resizes them bilinearly to (height, width); the resize is skipped when the sizes already
+    agree (bilinear resizing to the same size is the identity).
+    """
+    maps = maps[:, : image_size[0], : image_size[1]]
+    if tuple(maps.shape[-2:]) == (height, width):
+        return maps
+    return sem_seg_postprocess(maps, image_size, height, width)
+
+
 @META_ARCH_REGISTRY.register()
 class MaskFormer(nn.Module):
     """
@@ -228,7 +240,7 @@ class MaskFormer(nn.Module):
         """
         result = {}
         if self.sem_seg_postprocess_before_inference:
-            mask_pred = sem_seg_postprocess(mask_pred, image_size, height, width)
+            mask_pred = resize_to_output(mask_pred, image_size, height, width)
         else:
             # Semantic inference is per pixel: crop the padding off before it, not after.
             mask_pred = mask_pred[:, : image_size[0], : image_size[1]]
@@ -236,7 +248,7 @@ class MaskFormer(nn.Module):
         if self.semantic_on:
             sem_seg = semantic_inference(mask_cls, mask_pred)
             if not self.sem_seg_postprocess_before_inference:
-                sem_seg = sem_seg_postprocess(sem_seg, image_size, height, width)
+                sem_seg = resize_to_output(sem_seg, image_size, height, width)
             result["sem_seg"] = sem_seg
         if self.panoptic_on:
             result["panoptic_seg"] = panoptic_inference(
