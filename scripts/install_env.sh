@@ -38,7 +38,7 @@ step "installing torch, torchvision and the requirements (requirements/base.txt)
 if [ -n "${DETECTRON2_SOURCE:-}" ]; then
     step "installing detectron2 from DETECTRON2_SOURCE=$DETECTRON2_SOURCE"
     "${PIP[@]}" install --progress-bar off --no-build-isolation "$DETECTRON2_SOURCE" -c requirements/constraints.txt
-elif "$PY" -c "import detectron2" 2>/dev/null; then
+elif "$PY" -c "from detectron2 import _C; _C.get_compiler_version()" 2>/dev/null; then
     step "detectron2 is already installed in $VENV; keeping it"
 else
     step "installing detectron2 v0.6 from PyPI's pb1-detectron2 sdist (Python sources; no compiled ops)"
@@ -47,11 +47,20 @@ else
     "$PY" scripts/fetch_sdist.py pb1-detectron2 pb1-detectron2-0.6.tar.gz "$work"
     tar -xzf "$work/pb1-detectron2-0.6.tar.gz" -C "$work"
     src="$work/pb1-detectron2-0.6"
-    # The sdist lacks detectron2/layers/csrc; an empty extension makes `detectron2._C` importable.
+    # The sdist lacks detectron2/layers/csrc: an ops-free extension makes `detectron2._C`
+    # importable. It answers the version queries of detectron2's environment report
+    # (default_setup logs it); every compiled op is absent.
     mkdir -p "$src/detectron2/layers/csrc"
-    printf '#include <torch/extension.h>\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}\n' \
-        > "$src/detectron2/layers/csrc/vision.cpp"
-    echo "[install] compiling the empty detectron2._C extension (about a minute on 2 cores)"
+    cat > "$src/detectron2/layers/csrc/vision.cpp" <<'CPP'
+#include <torch/extension.h>
+#include <string>
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("get_compiler_version", []() { return std::string("none (ops-free detectron2._C)"); });
+  m.def("get_cuda_version", []() { return std::string("none (ops-free detectron2._C)"); });
+  m.def("has_cuda", []() { return false; });
+}
+CPP
+    echo "[install] compiling the ops-free detectron2._C extension (about a minute on 2 cores)"
     "${PIP[@]}" install --progress-bar off --no-build-isolation --no-deps "$src"
 fi
 "$PY" -c "import detectron2, os; print('[install] detectron2', detectron2.__version__, 'from', os.path.dirname(detectron2.__file__))"

@@ -1,0 +1,14 @@
+"""Training helpers used by ``train_net.py``: optimizer, CPU-capable launch and trainer steps."""
+
+from .defaults import amp_enabled, build_step_trainer, create_ddp_model
+from .launch import launch
+from .optimizer import build_optimizer, get_param_groups
+
+__all__ = [
+    "amp_enabled",
+    "build_optimizer",
+    "build_step_trainer",
+    "create_ddp_model",
+    "get_param_groups",
+    "launch",
+]

@@ -1,0 +1,56 @@
+"""The two steps of detectron2's ``DefaultTrainer.__init__`` that assume CUDA, made device-aware.
+
+- ``create_ddp_model`` passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects
+  for a CPU module (v0.6 and main alike).
+- ``AMPTrainer`` asserts CUDA in v0.6; published Mask2Former configs enable ``SOLVER.AMP``, so on
+  CPU those configs train in fp32 instead (logged).
+"""
+
+import logging
+
+import torch
+from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.engine import create_ddp_model as d2_create_ddp_model
+from detectron2.utils import comm
+
+__all__ = ["amp_enabled", "build_step_trainer", "create_ddp_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def create_ddp_model(model, **kwargs):
+    """
+    detectron2's ``create_ddp_model`` (the model itself when there is one process), also for a
+    model on CPU, which DistributedDataParallel takes without ``device_ids``.
+
+    Args:
+        model (nn.Module): the model, already on its device.
+        kwargs: arguments of DistributedDataParallel.
+    """
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if comm.get_world_size() > 1 and on_cpu:
+        kwargs.setdefault("device_ids", None)
+    return d2_create_ddp_model(model, **kwargs)
+
+
+def amp_enabled(cfg):
+    """Whether to train with AMP: ``SOLVER.AMP.ENABLED`` and the model on an available CUDA
+    device. Logs a warning when AMP is requested but skipped."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return False
+    if torch.device(cfg.MODEL.DEVICE).type == "cuda" and torch.cuda.is_available():
+        return True
+    logger.warning(
+        "SOLVER.AMP.ENABLED is set but MODEL.DEVICE is %r (CUDA available: %s): AMP skipped, "
+        "training in fp32",
+        cfg.MODEL.DEVICE,
+        torch.cuda.is_available(),
+    )
+    return False
+
+
+def build_step_trainer(cfg, model, data_loader, optimizer):
+    """The object running one iteration: detectron2's ``AMPTrainer`` when :func:`amp_enabled`,
+    otherwise ``SimpleTrainer``."""
+    trainer_type = AMPTrainer if amp_enabled(cfg) else SimpleTrainer
+    return trainer_type(model, data_loader, optimizer)

@@ -1,0 +1,155 @@
+"""The evaluators of a dataset, chosen by its metadata's ``evaluator_type``.
+
+A dataset type lists (switch, factory) pairs: the factory's evaluator is used when the
+``MODEL.MASK_FORMER.TEST`` switch that turns on the output it scores is set, or always (``None``)
+for single-task datasets. Panoptic datasets thus get the panoptic, semantic and instance
+evaluators of the outputs the model returns.
+"""
+
+import functools
+import logging
+
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+)
+from detectron2.utils import comm
+
+from .instance_evaluation import InstanceSegEvaluator
+
+__all__ = ["build_evaluator", "EVALUATORS", "fast_coco_eval_available"]
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def fast_coco_eval_available():
+    """Whether detectron2's C++ COCO evaluation exists (this project's v0.6 build has none)."""
+    try:
+        from detectron2 import _C
+    except ImportError:
+        _C = None
+    available = hasattr(_C, "COCOevalEvaluateImages")
+    if not available:
+        logger.info(
+            "detectron2._C has no COCOevalEvaluateImages: COCO evaluation uses pycocotools' "
+            "(slower) implementation"
+        )
+    return available
+
+
+def _semantic(dataset_name, output_dir):
+    return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir)
+
+
+def _panoptic(dataset_name, output_dir):
+    return COCOPanopticEvaluator(dataset_name, output_dir)
+
+
+def _check_instance_json(dataset_name):
+    if MetadataCatalog.get(dataset_name).get("json_file", "") is None:
+        raise ValueError(
+            f"Instance evaluation of {dataset_name!r} needs an instance json file, but its "
+            "metadata has json_file=None; set MODEL.MASK_FORMER.TEST.INSTANCE_ON False"
+        )
+
+
+def _coco_instances(dataset_name, output_dir):
+    _check_instance_json(dataset_name)
+    return COCOEvaluator(
+        dataset_name, output_dir=output_dir, use_fast_impl=fast_coco_eval_available()
+    )
+
+
+def _instances_among_all_classes(dataset_name, output_dir):
+    _check_instance_json(dataset_name)
+    return InstanceSegEvaluator(
+        dataset_name, output_dir=output_dir, use_fast_impl=fast_coco_eval_available()
+    )
+
+
+def _check_single_machine(dataset_name):
+    # The Cityscapes evaluators write predictions to a temporary folder shared by the processes.
+    if comm.get_world_size() != comm.get_local_size():
+        raise ValueError(
+            f"detectron2's Cityscapes evaluators ({dataset_name!r}) work on one machine only"
+        )
+
+
+def _cityscapes_semantic(dataset_name, output_dir):
+    _check_single_machine(dataset_name)
+    return CityscapesSemSegEvaluator(dataset_name)
+
+
+def _cityscapes_instances(dataset_name, output_dir):
+    _check_single_machine(dataset_name)
+    return CityscapesInstanceEvaluator(dataset_name)
+
+
+ALWAYS = None
+# evaluator_type -> ((switch in MODEL.MASK_FORMER.TEST or ALWAYS, factory(name, output_dir)), ...)
+EVALUATORS = {
+    "sem_seg": ((ALWAYS, _semantic),),
+    "mapillary_vistas_sem_seg": ((ALWAYS, _semantic),),
+    "coco": ((ALWAYS, _coco_instances),),
+    "coco_panoptic_seg": (
+        ("PANOPTIC_ON", _panoptic),
+        ("INSTANCE_ON", _coco_instances),
+        ("SEMANTIC_ON", _semantic),
+    ),
+    "ade20k_panoptic_seg": (
+        ("PANOPTIC_ON", _panoptic),
+        ("INSTANCE_ON", _instances_among_all_classes),
+        ("SEMANTIC_ON", _semantic),
+    ),
+    "mapillary_vistas_panoptic_seg": (
+        ("PANOPTIC_ON", _panoptic),
+        ("INSTANCE_ON", _instances_among_all_classes),
+        ("SEMANTIC_ON", _semantic),
+    ),
+    "cityscapes_sem_seg": ((ALWAYS, _cityscapes_semantic),),
+    "cityscapes_instance": ((ALWAYS, _cityscapes_instances),),
+    "cityscapes_panoptic_seg": (
+        ("PANOPTIC_ON", _panoptic),
+        ("INSTANCE_ON", _cityscapes_instances),
+        ("SEMANTIC_ON", _cityscapes_semantic),
+    ),
+}
+
+
+def build_evaluator(cfg, dataset_name, output_dir):
+    """
+    The evaluator(s) of ``dataset_name`` for the outputs ``cfg`` turns on.
+
+    Args:
+        cfg (CfgNode): the config (``MODEL.MASK_FORMER.TEST`` switches).
+        dataset_name (str): a registered dataset whose metadata has ``evaluator_type``.
+        output_dir (str): where evaluators write their predictions.
+
+    Returns:
+        DatasetEvaluator: one evaluator, or ``DatasetEvaluators`` of several.
+    """
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+    if evaluator_type not in EVALUATORS:
+        raise ValueError(
+            f"No evaluator for dataset {dataset_name!r} with evaluator_type {evaluator_type!r}; "
+            f"known types: {sorted(EVALUATORS)}"
+        )
+    switches = cfg.MODEL.MASK_FORMER.TEST
+    evaluators = [
+        factory(dataset_name, output_dir)
+        for switch, factory in EVALUATORS[evaluator_type]
+        if switch is ALWAYS or switches[switch]
+    ]
+    if not evaluators:
+        names = [switch for switch, _ in EVALUATORS[evaluator_type]]
+        raise ValueError(
+            f"Nothing to evaluate on {dataset_name!r} ({evaluator_type}): "
+            f"MODEL.MASK_FORMER.TEST.{{{','.join(names)}}} are all off"
+        )
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)

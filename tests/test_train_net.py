@@ -1,0 +1,648 @@
+"""train_net.py: the Trainer's model/optimizer for every published config, loaders and evaluators
+on the shapes datasets, CPU training + evaluation through ``main()``, resuming, a NaN loss,
+evaluator dispatch, PQ of the real COCO panoptic sample and semantic test-time augmentation."""
+
+import copy
+import importlib.util
+import json
+import logging
+import math
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, SHARED, TINY_OVERRIDES, set_flat, tiny_cfg
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
+from detectron2.engine import HookBase, SimpleTrainer, default_argument_parser
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+)
+from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
+from detectron2.solver import LRMultiplier
+from detectron2.structures import Boxes, Instances
+from panopticapi.utils import rgb2id
+from PIL import Image
+from pycocotools import mask as mask_util
+from torch import nn
+
+from mask_former import add_mask_former_config
+from mask_former.data.datasets import shapes
+from mask_former.engine import amp_enabled, build_step_trainer
+from mask_former.engine.optimizer import NORM_MODULE_TYPES
+from mask_former.evaluation import EVALUATORS, InstanceSegEvaluator, build_evaluator
+from mask_former.modeling import PIXEL_DECODER_REGISTRY, TRANSFORMER_DECODER_REGISTRY
+from mask_former.test_time_augmentation import SemanticSegmentorWithTTA
+
+NUM_TRAIN, NUM_VAL = 8, 4
+NUM_SHAPES_CLASSES = len(shapes.SHAPES_CATEGORIES)
+SEMANTIC_CONFIG = "configs/ade20k-150/maskformer_R50_bs16_160k.yaml"
+PANOPTIC_CONFIG = "configs/ade20k-150-panoptic/maskformer_panoptic_R50_bs16_720k.yaml"
+# Small fixed-size training inputs: short side 48, at most 64, padded by the mapper to 64x64.
+PADDED_SIZE = 64
+SMALL_INPUT = {
+    "INPUT.MIN_SIZE_TRAIN": (48,),
+    "INPUT.MAX_SIZE_TRAIN": PADDED_SIZE,
+    "INPUT.MIN_SIZE_TEST": 48,
+    "INPUT.MAX_SIZE_TEST": PADDED_SIZE,
+    "INPUT.CROP.ENABLED": False,
+    "INPUT.COLOR_AUG_SSD": False,
+    "INPUT.SIZE_DIVISIBILITY": PADDED_SIZE,
+    "INPUT.IMAGE_SIZE": PADDED_SIZE,
+    "SOLVER.IMS_PER_BATCH": 2,
+    "DATALOADER.NUM_WORKERS": 0,
+    "MODEL.SEM_SEG_HEAD.NUM_CLASSES": NUM_SHAPES_CLASSES,
+}
+SAMPLE = SHARED / "data" / "coco_panoptic_sample"
+
+
+def load_train_net():
+    """Imports ``train_net.py`` from the repository root."""
+    spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_net = load_train_net()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and two OpenMP threads on a busy 2-core machine
+    stall (seconds instead of milliseconds per iteration)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def prepare_shapes(root, prefix):
+    """Generates a small shapes dataset under ``root/shapes`` and registers it as
+    ``{prefix}_{sem_seg,instance,panoptic}_{train,val}``; returns the registered names."""
+    shapes.prepare_shapes_dataset(root / "shapes", NUM_TRAIN, NUM_VAL)
+    shapes.register_all_shapes(root, prefix=prefix)
+    return [f"{prefix}_{task}_{split}" for task in shapes._TASKS for split in shapes.SPLITS]
+
+
+@pytest.fixture(scope="module")
+def shapes_prefix(tmp_path_factory):
+    """Prefix of a small shapes dataset registered for this module's tests."""
+    prefix = f"shapes_tn_{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(shapes.NUM_IMAGES_ENV["train"], str(NUM_TRAIN))
+        patch.setenv(shapes.NUM_IMAGES_ENV["val"], str(NUM_VAL))
+        names = prepare_shapes(tmp_path_factory.mktemp("datasets"), prefix)
+        yield prefix
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def shapes_overrides(prefix, task, output_dir, extra=()):
+    """Dotted-key overrides that train and test a tiny model on the ``task`` shapes dataset, then
+    ``extra`` (a dict of dotted keys)."""
+    return {
+        **TINY_OVERRIDES,
+        **SMALL_INPUT,
+        "DATASETS.TRAIN": (f"{prefix}_{task}_train",),
+        "DATASETS.TEST": (f"{prefix}_{task}_val",),
+        "OUTPUT_DIR": str(output_dir),
+        "SOLVER.CHECKPOINT_PERIOD": 1000,
+        "TEST.EVAL_PERIOD": 0,
+        "SEED": 0,
+        **dict(extra),
+    }
+
+
+def command_line(config_file, overrides, *flags):
+    """Parsed ``train_net.py`` arguments: the flags, then the overrides as command-line opts."""
+    opts = [str(item) for key, value in overrides.items() for item in (key, value)]
+    return default_argument_parser().parse_args(["--config-file", config_file, *flags, *opts])
+
+
+def read_metrics(output_dir):
+    with open(output_dir / "metrics.json") as f:
+        return [json.loads(line) for line in f]
+
+
+def state_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and optimizer of every published config
+# ---------------------------------------------------------------------------------------------
+
+CONFIGS = sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml"))
+LEAF_CONFIGS = [str(p) for p in CONFIGS if not p.name.startswith("Base-")]
+
+
+def _missing_components(cfg):
+    needed = [
+        (BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME),
+        (PIXEL_DECODER_REGISTRY, cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME),
+        (TRANSFORMER_DECODER_REGISTRY, cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME),
+    ]
+    return [name for registry, name in needed if name not in registry]
+
+
+def _check_param_groups(model, optimizer, solver):
+    """Every trainable parameter is in one group with the published lr and weight decay."""
+    owners = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(param, (module_name, module, param_name))
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    assert len(grouped) == len(set(grouped)) == len(trainable) and set(grouped) == trainable
+    kinds = set()
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            module_name, module, param_name = owners[param]
+            in_backbone = "backbone" in module_name
+            assert group["lr"] == pytest.approx(
+                solver.BASE_LR * (solver.BACKBONE_MULTIPLIER if in_backbone else 1.0)
+            )
+            if isinstance(module, nn.Embedding):
+                kind, decay = "embedding", solver.WEIGHT_DECAY_EMBED
+            elif isinstance(module, NORM_MODULE_TYPES):  # the list is checked in test_optimizer
+                kind, decay = "norm", solver.WEIGHT_DECAY_NORM
+            elif param_name in ("relative_position_bias_table", "absolute_pos_embed"):  # Swin
+                kind, decay = "swin position", 0.0
+            else:
+                kind, decay = "other", solver.WEIGHT_DECAY
+            assert group["weight_decay"] == decay, (module_name, type(module).__name__)
+            kinds.add((kind, in_backbone))
+    return kinds
+
+
+@pytest.mark.parametrize("config_file", LEAF_CONFIGS)
+def test_trainer_builds_model_and_optimizer(config_file):
+    cfg = get_cfg()
+    add_mask_former_config(cfg)
+    cfg.merge_from_file(str(REPO / config_file), allow_unsafe=False)
+    missing = _missing_components(cfg)
+    if missing:
+        pytest.skip(f"{config_file} needs {', '.join(missing)}, not implemented yet")
+    set_flat(cfg, {"MODEL.DEVICE": "cpu", "MODEL.WEIGHTS": ""})
+    # Distinct values, so that a parameter in the wrong group shows.
+    set_flat(cfg, {"SOLVER.WEIGHT_DECAY_NORM": 0.25, "SOLVER.WEIGHT_DECAY_EMBED": 0.5})
+    cfg.freeze()
+    model = train_net.Trainer.build_model(cfg)
+    optimizer = train_net.Trainer.build_optimizer(cfg, model)
+    expected_type = {"ADAMW": torch.optim.AdamW, "SGD": torch.optim.SGD}[cfg.SOLVER.OPTIMIZER]
+    assert isinstance(optimizer, expected_type)
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    full_model = clip.ENABLED and clip.CLIP_TYPE == "full_model"
+    assert type(optimizer).__name__.endswith("WithFullModelClipping") == full_model
+    kinds = _check_param_groups(model, optimizer, cfg.SOLVER)
+    assert {("other", True), ("other", False), ("norm", False)} <= kinds
+    if cfg.MODEL.META_ARCHITECTURE == "MaskFormer":
+        assert ("embedding", False) in kinds  # the query embeddings
+
+
+def test_lr_scheduler_follows_config():
+    cfg = tiny_cfg()
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR"
+    scheduler = train_net.Trainer.build_lr_scheduler(cfg, optimizer)
+    assert isinstance(scheduler, WarmupPolyLR)
+    cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
+    assert isinstance(train_net.Trainer.build_lr_scheduler(cfg, optimizer), LRMultiplier)
+
+
+def test_amp_is_skipped_on_cpu(caplog):
+    cfg = tiny_cfg(SOLVER__AMP__ENABLED=True)
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    with caplog.at_level(logging.WARNING, logger="mask_former.engine.defaults"):
+        step_trainer = build_step_trainer(cfg, model, [], optimizer)
+    assert type(step_trainer) is SimpleTrainer
+    assert any("AMP skipped" in r.getMessage() for r in caplog.records)
+    cfg.SOLVER.AMP.ENABLED = False
+    caplog.clear()
+    assert not amp_enabled(cfg) and not caplog.records
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders and evaluators on the shapes datasets
+# ---------------------------------------------------------------------------------------------
+
+MAPPERS_BY_TASK = [
+    ("sem_seg", "mask_former_semantic"),
+    ("instance", "mask_former_instance"),
+    ("instance", "coco_instance_lsj"),
+    ("panoptic", "mask_former_panoptic"),
+    ("panoptic", "coco_panoptic_lsj"),
+    ("panoptic", "detr_panoptic"),
+]
+
+
+@pytest.mark.parametrize("task,mapper", MAPPERS_BY_TASK)
+def test_train_loader_on_shapes(shapes_prefix, tmp_path, task, mapper):
+    extra = {"INPUT.DATASET_MAPPER_NAME": mapper}
+    cfg = set_flat(tiny_cfg(), shapes_overrides(shapes_prefix, task, tmp_path, extra))
+    if mapper == "detr_panoptic":  # DETR's crop branch resizes to 400-600 px first
+        cfg.INPUT.SIZE_DIVISIBILITY = -1
+    batch = next(iter(train_net.Trainer.build_train_loader(cfg)))
+    assert len(batch) == cfg.SOLVER.IMS_PER_BATCH
+    for inputs in batch:
+        image, instances = inputs["image"], inputs["instances"]
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
+        if cfg.INPUT.SIZE_DIVISIBILITY > 0:
+            assert tuple(image.shape[1:]) == (PADDED_SIZE, PADDED_SIZE)
+        assert tuple(instances.gt_masks.shape[1:]) == tuple(image.shape[1:])
+        num_classes = shapes.NUM_THINGS if task == "instance" else NUM_SHAPES_CLASSES
+        assert len(instances) > 0
+        assert 0 <= instances.gt_classes.min() and instances.gt_classes.max() < num_classes
+
+
+def test_unknown_mapper_name_is_a_clear_error():
+    cfg = tiny_cfg(INPUT__DATASET_MAPPER_NAME="no_such_mapper")
+    with pytest.raises(ValueError, match="no_such_mapper"):
+        train_net.Trainer.build_train_loader(cfg)
+
+
+def _register_fake(name, evaluator_type, source, **metadata):
+    """Registers ``name`` with the records and metadata of dataset ``source``, but another
+    evaluator_type (and ``metadata``)."""
+    DatasetCatalog.register(name, lambda: DatasetCatalog.get(source))
+    meta = MetadataCatalog.get(source).as_dict()
+    meta.pop("name")
+    meta.update(evaluator_type=evaluator_type, **metadata)
+    MetadataCatalog.get(name).set(**meta)
+
+
+@pytest.fixture
+def fake_datasets(shapes_prefix):
+    """Registers fake dataset names; removes them afterwards."""
+    names = []
+
+    def register(evaluator_type, source_task="panoptic", **metadata):
+        name = f"fake_{evaluator_type}_{uuid.uuid4().hex[:6]}"
+        _register_fake(name, evaluator_type, f"{shapes_prefix}_{source_task}_val", **metadata)
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+P, I, S = "PANOPTIC_ON", "INSTANCE_ON", "SEMANTIC_ON"
+# (evaluator_type, switches on, expected evaluator classes in order)
+DISPATCH_CASES = [
+    ("sem_seg", (), [SemSegEvaluator]),
+    ("mapillary_vistas_sem_seg", (), [SemSegEvaluator]),
+    ("coco", (), [COCOEvaluator]),
+    ("coco_panoptic_seg", (P, I, S), [COCOPanopticEvaluator, COCOEvaluator, SemSegEvaluator]),
+    ("coco_panoptic_seg", (P,), [COCOPanopticEvaluator]),
+    ("coco_panoptic_seg", (P, S), [COCOPanopticEvaluator, SemSegEvaluator]),
+    (
+        "ade20k_panoptic_seg",
+        (P, I, S),
+        [COCOPanopticEvaluator, InstanceSegEvaluator, SemSegEvaluator],
+    ),
+    ("ade20k_panoptic_seg", (P, S), [COCOPanopticEvaluator, SemSegEvaluator]),
+    ("mapillary_vistas_panoptic_seg", (P, S), [COCOPanopticEvaluator, SemSegEvaluator]),
+    ("mapillary_vistas_panoptic_seg", (P, I), [COCOPanopticEvaluator, InstanceSegEvaluator]),
+    ("cityscapes_sem_seg", (), [CityscapesSemSegEvaluator]),
+    ("cityscapes_instance", (), [CityscapesInstanceEvaluator]),
+    (
+        "cityscapes_panoptic_seg",
+        (P, I, S),
+        [COCOPanopticEvaluator, CityscapesInstanceEvaluator, CityscapesSemSegEvaluator],
+    ),
+]
+
+
+@pytest.mark.parametrize("evaluator_type,switches,expected", DISPATCH_CASES)
+def test_evaluator_dispatch(fake_datasets, tmp_path, evaluator_type, switches, expected):
+    name = fake_datasets(evaluator_type)
+    cfg = tiny_cfg(OUTPUT_DIR=str(tmp_path))
+    for switch in (P, I, S):
+        cfg.MODEL.MASK_FORMER.TEST[switch] = switch in switches
+    evaluator = train_net.Trainer.build_evaluator(cfg, name)
+    evaluators = evaluator._evaluators if isinstance(evaluator, DatasetEvaluators) else [evaluator]
+    assert [type(e) for e in evaluators] == expected
+    for e in evaluators:
+        if isinstance(e, COCOEvaluator):
+            assert e._use_fast_impl is False  # this detectron2 has no C++ COCO evaluation
+        if isinstance(e, (SemSegEvaluator, COCOEvaluator)):
+            assert e._output_dir == str(tmp_path / "inference")
+
+
+def test_every_evaluator_type_is_covered():
+    assert {case[0] for case in DISPATCH_CASES} == set(EVALUATORS)
+
+
+def test_evaluator_dispatch_errors(fake_datasets, tmp_path):
+    cfg = tiny_cfg(OUTPUT_DIR=str(tmp_path))
+    name = fake_datasets("lvis")
+    with pytest.raises(ValueError, match=f"{name}.*'lvis'"):
+        train_net.Trainer.build_evaluator(cfg, name)
+    for switch in (P, I, S):
+        cfg.MODEL.MASK_FORMER.TEST[switch] = False
+    name = fake_datasets("coco_panoptic_seg")
+    with pytest.raises(ValueError, match="all off"):
+        train_net.Trainer.build_evaluator(cfg, name)
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
+    name = fake_datasets("mapillary_vistas_panoptic_seg", json_file=None)
+    with pytest.raises(ValueError, match="json_file=None"):
+        build_evaluator(cfg, name, str(tmp_path))
+
+
+def _ground_truth_instances(record, class_map):
+    """The record's annotations as predicted ``Instances`` (score 1), classes mapped."""
+    height, width = record["height"], record["width"]
+    instances = Instances((height, width))
+    annotations = record["annotations"]
+    masks = [mask_util.decode(a["segmentation"]).astype(bool) for a in annotations]
+    instances.pred_masks = torch.as_tensor(np.stack(masks))
+    boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations)]
+    instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    instances.scores = torch.ones(len(annotations))
+    instances.pred_classes = torch.tensor([class_map[a["category_id"]] for a in annotations])
+    return instances
+
+
+def test_instance_evaluator_with_things_among_all_classes(fake_datasets, shapes_prefix, tmp_path):
+    """ADE20K-style metadata (thing ids spread over all classes): ground truth scores AP 100."""
+    spread = {1: 0, 2: 2, 3: 4, 4: 5, 5: 7}  # dataset id -> index among all classes
+    name = fake_datasets(
+        "ade20k_panoptic_seg", source_task="instance", thing_dataset_id_to_contiguous_id=spread
+    )
+    evaluator = InstanceSegEvaluator(name, output_dir=str(tmp_path), use_fast_impl=False)
+    evaluator.reset()
+    records = DatasetCatalog.get(f"{shapes_prefix}_instance_val")
+    for record in records:
+        # load_coco_json maps categories to 0..4; spread them as ADE20K panoptic does.
+        instances = _ground_truth_instances(record, {i: spread[i + 1] for i in range(5)})
+        extra = copy.deepcopy(instances[:1])
+        extra.pred_classes[:] = 1  # a stuff class: dropped, not scored
+        evaluator.process([record], [{"instances": Instances.cat([instances, extra])}])
+    results = evaluator.evaluate()
+    assert results["segm"]["AP"] == pytest.approx(100.0)
+    assert results["bbox"]["AP"] == pytest.approx(100.0)
+    assert MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id == spread
+
+
+def test_coco_panoptic_sample_ground_truth_scores_pq_100(tmp_path):
+    with open(SAMPLE / "panoptic_coco_categories.json") as f:
+        categories = json.load(f)
+    metadata = {
+        "thing_classes": [c["name"] for c in categories if c["isthing"]],
+        "stuff_classes": [c["name"] for c in categories],
+        "thing_dataset_id_to_contiguous_id": {
+            c["id"]: i for i, c in enumerate(categories) if c["isthing"]
+        },
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(categories)},
+    }
+    json_file, panoptic_root = SAMPLE / "panoptic_examples.json", SAMPLE / "panoptic"
+    name = f"coco_panoptic_sample_{uuid.uuid4().hex[:6]}"
+    records = load_coco_panoptic_json(
+        str(json_file), str(SAMPLE / "images"), str(panoptic_root), metadata
+    )
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(
+        evaluator_type="coco_panoptic_seg",
+        panoptic_json=str(json_file),
+        panoptic_root=str(panoptic_root),
+        **metadata,
+    )
+    try:
+        cfg = tiny_cfg(OUTPUT_DIR=str(tmp_path))
+        set_flat(cfg, {"MODEL.MASK_FORMER.TEST.PANOPTIC_ON": True})
+        set_flat(cfg, {"MODEL.MASK_FORMER.TEST.SEMANTIC_ON": False})
+        evaluator = train_net.Trainer.build_evaluator(cfg, name)
+        assert isinstance(evaluator, COCOPanopticEvaluator)
+        evaluator.reset()
+        for record in records:
+            ids = rgb2id(np.asarray(Image.open(record["pan_seg_file_name"]), dtype=np.uint32))
+            prediction = (
+                torch.as_tensor(ids.astype(np.int32)),
+                copy.deepcopy(record["segments_info"]),
+            )
+            evaluator.process([record], [{"panoptic_seg": prediction}])
+        results = evaluator.evaluate()["panoptic_seg"]
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
+        assert results[key] == pytest.approx(100.0), key
+    assert (tmp_path / "inference" / "predictions.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation through main()
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_semantic(shapes_prefix, tmp_path_factory):
+    """Output folder of a 2-iteration semantic training run of ``main()`` (evaluated at its end)."""
+    output_dir = tmp_path_factory.mktemp("semantic_run")
+    overrides = shapes_overrides(shapes_prefix, "sem_seg", output_dir, {"SOLVER.MAX_ITER": 2})
+    assert train_net.main(command_line(SEMANTIC_CONFIG, overrides)) is None
+    return output_dir, overrides
+
+
+def test_main_trains_and_evaluates_semantic(trained_semantic):
+    output_dir, _ = trained_semantic
+    for name in ("config.yaml", "log.txt", "model_final.pth", "last_checkpoint"):
+        assert (output_dir / name).exists(), name
+    for name in ("sem_seg_predictions.json", "sem_seg_evaluation.pth"):
+        assert (output_dir / "inference" / name).exists(), name
+    metrics = read_metrics(output_dir)
+    assert all(math.isfinite(m["total_loss"]) for m in metrics if "total_loss" in m)
+    evaluation = [m for m in metrics if "sem_seg/mIoU" in m]
+    assert len(evaluation) == 1 and 0.0 <= evaluation[0]["sem_seg/mIoU"] <= 100.0
+    assert torch.load(output_dir / "model_final.pth", weights_only=False)["iteration"] == 1
+
+
+def test_main_eval_only_reproduces_training_evaluation_and_runs_tta(trained_semantic):
+    output_dir, overrides = trained_semantic
+    weights = output_dir / "model_final.pth"
+    tta = {
+        "MODEL.WEIGHTS": str(weights),
+        "TEST.AUG.ENABLED": True,
+        "TEST.AUG.MIN_SIZES": (32, 48),
+        "TEST.AUG.MAX_SIZE": PADDED_SIZE,
+        "TEST.AUG.FLIP": True,
+    }
+    args = command_line(SEMANTIC_CONFIG, {**overrides, **tta}, "--eval-only")
+    results = train_net.main(args)
+    assert set(results) == {"sem_seg", "sem_seg_TTA"}
+    trained = [m for m in read_metrics(output_dir) if "sem_seg/mIoU" in m][0]
+    # Same weights and data: eval-only scores what the evaluation at the end of training scored.
+    assert results["sem_seg"]["mIoU"] == pytest.approx(trained["sem_seg/mIoU"], abs=1e-6)
+    assert 0.0 <= results["sem_seg_TTA"]["mIoU"] <= 100.0
+    assert (output_dir / "inference_TTA" / "sem_seg_predictions.json").exists()
+
+
+def test_main_trains_and_evaluates_panoptic_with_instances(shapes_prefix, tmp_path):
+    extra = {
+        "SOLVER.MAX_ITER": 2,
+        "MODEL.MASK_FORMER.TEST.INSTANCE_ON": True,
+        "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD": 0.0,
+    }
+    overrides = shapes_overrides(shapes_prefix, "panoptic", tmp_path, extra)
+    train_net.main(command_line(PANOPTIC_CONFIG, overrides))
+    evaluation = [m for m in read_metrics(tmp_path) if "panoptic_seg/PQ" in m]
+    assert len(evaluation) == 1
+    for key in ("panoptic_seg/PQ", "panoptic_seg/PQ_th", "sem_seg/mIoU", "segm/AP", "bbox/AP"):
+        assert 0.0 <= evaluation[0][key] <= 100.0, key
+    for name in ("predictions.json", "coco_instances_results.json", "sem_seg_predictions.json"):
+        assert (tmp_path / "inference" / name).exists(), name
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAfter(HookBase):
+    """Raises after iteration ``iteration`` (once the checkpointer has run)."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_step(self):
+        if self.trainer.iter == self.iteration:
+            raise _Crash
+
+
+class _RecordIterations(HookBase):
+    def __init__(self):
+        self.iterations = []
+
+    def after_step(self):
+        self.iterations.append(self.trainer.iter)
+
+
+def test_resume_continues_from_the_saved_iteration(shapes_prefix, tmp_path):
+    extra = {"SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 2, "DATASETS.TEST": ()}
+    overrides = shapes_overrides(shapes_prefix, "sem_seg", tmp_path, extra)
+    first = train_net.Trainer(train_net.setup(command_line(SEMANTIC_CONFIG, overrides)))
+    first.resume_or_load(resume=False)
+    first.register_hooks([_CrashAfter(1)])
+    with pytest.raises(_Crash):
+        first.train()
+    checkpoint = torch.load(tmp_path / "model_0000001.pth", weights_only=False)
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+
+    cfg = train_net.setup(command_line(SEMANTIC_CONFIG, overrides, "--resume"))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == checkpoint["iteration"] + 1 == 2
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, checkpoint["model"][key]), key
+    assert trainer.scheduler.last_epoch == 2
+    steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    assert steps == {2}  # AdamW's moments came back too
+    recorder = _RecordIterations()
+    trainer.register_hooks([recorder])
+    trainer.train()
+    assert recorder.iterations == [2, 3]
+    assert torch.load(tmp_path / "model_final.pth", weights_only=False)["iteration"] == 3
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(shapes_prefix, tmp_path):
+    nan_iteration = 2
+    extra = {"SOLVER.MAX_ITER": 5, "SOLVER.CHECKPOINT_PERIOD": 1, "DATASETS.TEST": ()}
+    overrides = shapes_overrides(shapes_prefix, "sem_seg", tmp_path, extra)
+    cfg = train_net.setup(command_line(SEMANTIC_CONFIG, overrides))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+
+    def poison(module, inputs, losses):
+        if module.training and trainer.iter == nan_iteration:
+            return {k: v * float("nan") for k, v in losses.items()}
+        return None
+
+    trainer.model.register_forward_hook(poison)
+    with pytest.raises(
+        FloatingPointError, match=f"Loss became infinite or NaN at iteration={nan_iteration}"
+    ):
+        trainer.train()
+    last = (tmp_path / "last_checkpoint").read_text().strip()
+    assert last == f"model_{nan_iteration - 1:07d}.pth"
+    assert not (tmp_path / f"model_{nan_iteration:07d}.pth").exists()
+    checkpoint = torch.load(tmp_path / last, weights_only=False)
+    assert checkpoint["iteration"] == nan_iteration - 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    build_model(cfg).load_state_dict(checkpoint["model"])  # strict: every key, no extra one
+    # The optimizer step was not taken: the live weights are finite too.
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic test-time augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def _tta_cfg(min_sizes, flip):
+    cfg = tiny_cfg()
+    set_flat(cfg, {"TEST.AUG.MIN_SIZES": min_sizes, "TEST.AUG.MAX_SIZE": 256})
+    set_flat(cfg, {"TEST.AUG.FLIP": flip})
+    return cfg
+
+
+def _image(height=48, width=72):
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+
+
+def test_tta_with_one_scale_and_no_flip_equals_the_model():
+    cfg = _tta_cfg((48,), False)
+    model = build_model(cfg).eval()
+    inputs = {"image": _image(), "height": 60, "width": 90}
+    with torch.no_grad():
+        plain = model([dict(inputs)])[0]["sem_seg"]
+    tta = SemanticSegmentorWithTTA(cfg, model)([inputs])[0]["sem_seg"]
+    assert tta.shape == (cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 60, 90)
+    assert torch.equal(tta, plain)
+
+
+def test_tta_averages_scales_and_flips_of_the_real_model():
+    cfg = _tta_cfg((32, 48), True)
+    model = build_model(cfg).eval()
+    outputs = SemanticSegmentorWithTTA(cfg, model)([{"image": _image(), "height": 50, "width": 75}])
+    assert outputs[0]["sem_seg"].shape == (cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 50, 75)
+    assert torch.isfinite(outputs[0]["sem_seg"]).all()
+
+
+class _EchoModel(nn.Module):
+    """Returns the input image itself, resized to the requested size, as ``sem_seg``."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, batched_inputs):
+        x = batched_inputs[0]
+        self.calls.append(tuple(x["image"].shape[1:]))
+        image = x["image"][None].float()
+        size = (x["height"], x["width"])
+        return [{"sem_seg": nn.functional.interpolate(image, size=size, mode="bilinear")[0]}]
+
+
+def test_tta_flips_back_and_averages():
+    cfg = _tta_cfg((40, 80), True)
+    ramp = torch.linspace(0, 255, 120).expand(3, 60, 120).contiguous()  # left-to-right ramp
+    model = _EchoModel()
+    output = SemanticSegmentorWithTTA(cfg, model)([{"image": ramp, "height": 60, "width": 120}])
+    assert sorted(model.calls) == [(40, 80), (40, 80), (80, 160), (80, 160)]
+    # Every augmented copy, flipped back, echoes the ramp: so does their mean. A copy left
+    # flipped would pull the mean towards the mirrored ramp (error ~60 on average).
+    assert (output[0]["sem_seg"] - ramp).abs().mean() < 2.0
+    assert (ramp.flip(dims=[2]) - ramp).abs().mean() > 100.0
