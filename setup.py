@@ -2,6 +2,7 @@
 
 detectron2 is installed separately, as upstream detectron2 projects document it; see README.md.
 """
+
 from setuptools import find_packages, setup
 
 setup(

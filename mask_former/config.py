@@ -11,6 +11,7 @@ decoder. Every published Mask2Former config sets the key explicitly.
 
 Keys of our own (not in the published adders) are marked "ours" below.
 """
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_mask_former_config", "add_maskformer2_config", "OWN_CONFIG_KEYS"]

@@ -5,6 +5,7 @@ its metadata declares a direct-URL extra that pip refuses.
 
 Usage: python fetch_sdist.py PROJECT FILENAME DEST_DIR
 """
+
 import hashlib
 import os
 import re
@@ -28,8 +29,10 @@ def main():
     data = urllib.request.urlopen(url, timeout=300).read()
     if fragment.startswith("sha256="):
         digest = hashlib.sha256(data).hexdigest()
-        if digest != fragment[len("sha256="):]:
-            sys.exit(f"fetch_sdist: sha256 mismatch for {filename}: got {digest}, index says {fragment}")
+        if digest != fragment[len("sha256=") :]:
+            sys.exit(
+                f"fetch_sdist: sha256 mismatch for {filename}: got {digest}, index says {fragment}"
+            )
     with open(target, "wb") as f:
         f.write(data)
     print(f"fetch_sdist: saved {target} ({len(data)} bytes)", flush=True)

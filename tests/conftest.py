@@ -1,4 +1,5 @@
 """Shared test fixtures: the reference files in ../shared and a fixed seed for every test."""
+
 import os
 from pathlib import Path
 

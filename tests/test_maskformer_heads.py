@@ -1,4 +1,5 @@
 """MaskFormer heads against the published implementation's outputs (../shared/golden)."""
+
 import pytest
 import torch
 from conftest import load_golden
@@ -26,10 +27,12 @@ def cfg_with(flat):
 
 def build_golden_head(golden):
     cfg = cfg_with(golden["cfg"])
-    shapes = {k: ShapeSpec(channels=v["channels"], stride=v["stride"])
-              for k, v in golden["input_shapes"].items()}
+    shapes = {
+        k: ShapeSpec(channels=v["channels"], stride=v["stride"])
+        for k, v in golden["input_shapes"].items()
+    }
     head = build_sem_seg_head(cfg, shapes)
-    state_dict = {k[len("sem_seg_head."):]: v for k, v in golden["state_dict"].items()}
+    state_dict = {k[len("sem_seg_head.") :]: v for k, v in golden["state_dict"].items()}
     assert list(head.state_dict().keys()) == list(state_dict.keys())
     head.load_state_dict(state_dict, strict=True)
     return head.eval()
@@ -64,8 +67,9 @@ def test_head_matches_golden(name, decoder):
     for ours, ref in zip(multi_scale, inter["multi_scale_features"]):
         torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
     if "transformer_encoder_features" in inter:
-        torch.testing.assert_close(encoder_features, inter["transformer_encoder_features"],
-                                   atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(
+            encoder_features, inter["transformer_encoder_features"], atol=ATOL, rtol=RTOL
+        )
     else:
         assert encoder_features is None
 
@@ -82,11 +86,18 @@ def test_input_projection_only_when_needed():
 def test_pre_norm_and_no_deep_supervision_build_and_run():
     golden = load_golden("maskformer_head_fpn.pt")
     flat = dict(golden["cfg"])
-    flat.update({"MODEL.MASK_FORMER.PRE_NORM": True, "MODEL.MASK_FORMER.DEEP_SUPERVISION": False,
-                 "MODEL.MASK_FORMER.ENC_LAYERS": 1})
+    flat.update(
+        {
+            "MODEL.MASK_FORMER.PRE_NORM": True,
+            "MODEL.MASK_FORMER.DEEP_SUPERVISION": False,
+            "MODEL.MASK_FORMER.ENC_LAYERS": 1,
+        }
+    )
     cfg = cfg_with(flat)
-    shapes = {k: ShapeSpec(channels=v["channels"], stride=v["stride"])
-              for k, v in golden["input_shapes"].items()}
+    shapes = {
+        k: ShapeSpec(channels=v["channels"], stride=v["stride"])
+        for k, v in golden["input_shapes"].items()
+    }
     head = build_sem_seg_head(cfg, shapes).eval()
     keys = head.state_dict().keys()
     # pre-norm adds the encoder's final LayerNorm; the decoder norm exists in both variants
@@ -102,7 +113,9 @@ def test_pre_norm_and_no_deep_supervision_build_and_run():
 def test_unknown_transformer_in_feature_names_the_choices():
     golden = load_golden("maskformer_head_fpn.pt")
     flat = dict(golden["cfg"], **{"MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE": "res9"})
-    shapes = {k: ShapeSpec(channels=v["channels"], stride=v["stride"])
-              for k, v in golden["input_shapes"].items()}
+    shapes = {
+        k: ShapeSpec(channels=v["channels"], stride=v["stride"])
+        for k, v in golden["input_shapes"].items()
+    }
     with pytest.raises(ValueError, match="res9.*pixel_embedding"):
         build_sem_seg_head(cfg_with(flat), shapes)

@@ -183,8 +183,9 @@ def test_family_derivation_and_override():
         resolve_family(cfg)
 
 
-@pytest.mark.parametrize("image_size, out", [((40, 60), (40, 60)), ((33, 50), (33, 50)),
-                                             ((33, 50), (70, 20))])
+@pytest.mark.parametrize(
+    "image_size, out", [((40, 60), (40, 60)), ((33, 50), (33, 50)), ((33, 50), (70, 20))]
+)
 def test_resize_to_output_equals_detectron2_postprocess(image_size, out):
     from detectron2.modeling.postprocessing import sem_seg_postprocess
 

@@ -300,28 +300,28 @@ def fake_datasets(shapes_prefix):
         MetadataCatalog.remove(name)
 
 
-P, I, S = "PANOPTIC_ON", "INSTANCE_ON", "SEMANTIC_ON"
+P, INS, S = "PANOPTIC_ON", "INSTANCE_ON", "SEMANTIC_ON"
 # (evaluator_type, switches on, expected evaluator classes in order)
 DISPATCH_CASES = [
     ("sem_seg", (), [SemSegEvaluator]),
     ("mapillary_vistas_sem_seg", (), [SemSegEvaluator]),
     ("coco", (), [COCOEvaluator]),
-    ("coco_panoptic_seg", (P, I, S), [COCOPanopticEvaluator, COCOEvaluator, SemSegEvaluator]),
+    ("coco_panoptic_seg", (P, INS, S), [COCOPanopticEvaluator, COCOEvaluator, SemSegEvaluator]),
     ("coco_panoptic_seg", (P,), [COCOPanopticEvaluator]),
     ("coco_panoptic_seg", (P, S), [COCOPanopticEvaluator, SemSegEvaluator]),
     (
         "ade20k_panoptic_seg",
-        (P, I, S),
+        (P, INS, S),
         [COCOPanopticEvaluator, InstanceSegEvaluator, SemSegEvaluator],
     ),
     ("ade20k_panoptic_seg", (P, S), [COCOPanopticEvaluator, SemSegEvaluator]),
     ("mapillary_vistas_panoptic_seg", (P, S), [COCOPanopticEvaluator, SemSegEvaluator]),
-    ("mapillary_vistas_panoptic_seg", (P, I), [COCOPanopticEvaluator, InstanceSegEvaluator]),
+    ("mapillary_vistas_panoptic_seg", (P, INS), [COCOPanopticEvaluator, InstanceSegEvaluator]),
     ("cityscapes_sem_seg", (), [CityscapesSemSegEvaluator]),
     ("cityscapes_instance", (), [CityscapesInstanceEvaluator]),
     (
         "cityscapes_panoptic_seg",
-        (P, I, S),
+        (P, INS, S),
         [COCOPanopticEvaluator, CityscapesInstanceEvaluator, CityscapesSemSegEvaluator],
     ),
 ]
@@ -331,7 +331,7 @@ DISPATCH_CASES = [
 def test_evaluator_dispatch(fake_datasets, tmp_path, evaluator_type, switches, expected):
     name = fake_datasets(evaluator_type)
     cfg = tiny_cfg(OUTPUT_DIR=str(tmp_path))
-    for switch in (P, I, S):
+    for switch in (P, INS, S):
         cfg.MODEL.MASK_FORMER.TEST[switch] = switch in switches
     evaluator = train_net.Trainer.build_evaluator(cfg, name)
     evaluators = evaluator._evaluators if isinstance(evaluator, DatasetEvaluators) else [evaluator]
@@ -352,7 +352,7 @@ def test_evaluator_dispatch_errors(fake_datasets, tmp_path):
     name = fake_datasets("lvis")
     with pytest.raises(ValueError, match=f"{name}.*'lvis'"):
         train_net.Trainer.build_evaluator(cfg, name)
-    for switch in (P, I, S):
+    for switch in (P, INS, S):
         cfg.MODEL.MASK_FORMER.TEST[switch] = False
     name = fake_datasets("coco_panoptic_seg")
     with pytest.raises(ValueError, match="all off"):

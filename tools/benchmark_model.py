@@ -8,6 +8,7 @@ CPU; allocated memory on CUDA).
     python tools/benchmark_model.py --config-file configs/ade20k-150/maskformer_R50_bs16_160k.yaml \
         --size 512x512 --batch 1 --device cpu --threads 2
 """
+
 import argparse
 import logging
 import resource
@@ -61,7 +62,9 @@ def make_inputs(cfg, height, width, batch, num_gt, seed=0):
     inputs = []
     for _ in range(batch):
         inst = Instances((height, width))
-        inst.gt_classes = torch.randint(0, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, (num_gt,), generator=g)
+        inst.gt_classes = torch.randint(
+            0, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, (num_gt,), generator=g
+        )
         inst.gt_masks = BitMasks(torch.rand((num_gt, height, width), generator=g) > 0.7)
         image = torch.randint(0, 256, (3, height, width), generator=g).float()
         inputs.append({"image": image, "height": height, "width": width, "instances": inst})
@@ -132,7 +135,8 @@ def main():
     inputs = make_inputs(cfg, height, width, args.batch, args.num_gt)
     num_params = sum(p.numel() for p in model.parameters())
     print(f"config: {args.config_file}")
-    print(f"device: {args.device}, threads: {torch.get_num_threads()}, input: {args.batch}x3x{height}x{width}")
+    threads = torch.get_num_threads()
+    print(f"device: {args.device}, threads: {threads}, input: {args.batch}x3x{height}x{width}")
     print(f"parameters: {num_params / 1e6:.3f} M")
 
     model.eval()
@@ -146,8 +150,10 @@ def main():
             model(inputs)
 
     times = time_calls(forward, args.device, args.warmup, args.iters)
-    print(f"forward incl. post-processing: median {statistics.median(times):.3f} s, "
-          f"min {min(times):.3f} s ({args.batch / statistics.median(times):.2f} images/s)")
+    print(
+        f"forward incl. post-processing: median {statistics.median(times):.3f} s, "
+        f"min {min(times):.3f} s ({args.batch / statistics.median(times):.2f} images/s)"
+    )
     print(f"peak memory after inference: {peak_memory_mb(args.device):.0f} MB")
 
     model.train()
@@ -165,10 +171,14 @@ def main():
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = time_calls(train_step, args.device, 1, args.train_iters)
-    print(f"training step (batch {args.batch}): median {statistics.median(times):.3f} s, "
-          f"min {min(times):.3f} s")
-    print(f"peak memory (process {'RSS' if args.device == 'cpu' else 'CUDA allocated'}, "
-          f"training included): {peak_memory_mb(args.device):.0f} MB")
+    print(
+        f"training step (batch {args.batch}): median {statistics.median(times):.3f} s, "
+        f"min {min(times):.3f} s"
+    )
+    print(
+        f"peak memory (process {'RSS' if args.device == 'cpu' else 'CUDA allocated'}, "
+        f"training included): {peak_memory_mb(args.device):.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -1,26 +1,38 @@
-"""The project's demo (``make demo``) on the synthetic "shapes" dataset.
+"""The project's main job (``make demo``): learn the synthetic "shapes" dataset from scratch on CPU.
 
-For now it generates the dataset (``$DETECTRON2_DATASETS/shapes``) and draws the ground truth of a
-few val images (semantic, instance and panoptic) into the output folder.
+1. generates the shapes dataset under ``$DETECTRON2_DATASETS/shapes`` (if needed);
+2. trains a small model with ``train_net.py`` (progress is printed every 20 iterations);
+3. evaluates it on shapes val (semantic mIoU, panoptic PQ, instance mask AP; train_net.py does this
+   at the end of training);
+4. writes, into the output folder, predictions next to the ground truth for a few val images
+   (``vis/<image>.png``), the loss curve (``loss_curve.png``) and a metrics summary
+   (``metrics.json``), and prints where they are.
 
 Usage::
 
-    python tools/run_demo.py [--output output/demo] [--num-vis 4] [--num-train N] [--num-val N]
+    python tools/run_demo.py [--config-file configs/shapes/maskformer_R18_shapes.yaml]
+        [--output output/demo] [--num-vis 4] [--max-iter N] [--skip-training] [KEY VALUE ...]
 """
 
 import argparse
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import Visualizer
+from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
-import mask_former  # noqa: F401  (registers the shapes datasets)
+import mask_former  # noqa: F401  (registers the model and the shapes datasets)
+from mask_former import add_mask_former_config
 from mask_former.data.datasets.shapes import (
     NUM_IMAGES_ENV,
     num_images_from_env,
@@ -29,23 +41,35 @@ from mask_former.data.datasets.shapes import (
 
 logger = logging.getLogger("mask_former.run_demo")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = "configs/shapes/maskformer_R18_shapes.yaml"
 VIS_SCALE = 2.0  # the images are small (128-256 px): upscale so that labels stay legible
-# task -> (registered val dataset, keys of its records that the drawing may use)
-GROUND_TRUTH_VIEWS = {
-    "sem_seg": ("shapes_sem_seg_val", ("file_name", "sem_seg_file_name")),
-    "instances": ("shapes_instance_val", ("file_name", "annotations")),
-    "panoptic": ("shapes_panoptic_val", ("file_name", "pan_seg_file_name", "segments_info")),
+SCORE_THRESHOLD = 0.5  # instances drawn in the visualisations
+# Result keys of detectron2's evaluators -> names in the summary.
+METRICS = {
+    "sem_seg/mIoU": "mIoU",
+    "panoptic_seg/PQ": "PQ",
+    "panoptic_seg/PQ_th": "PQ_things",
+    "panoptic_seg/PQ_st": "PQ_stuff",
+    "segm/AP": "mask_AP",
+    "segm/AP50": "mask_AP50",
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="output/demo", help="folder for the visualisations")
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG)
+    parser.add_argument("--output", default="output/demo", help="output folder")
     parser.add_argument("--num-vis", type=int, default=4, help="val images to visualise")
+    parser.add_argument("--max-iter", type=int, default=None, help="override SOLVER.MAX_ITER")
     parser.add_argument(
-        "--num-train", type=int, default=None, help="train images (default: 1000, or env var)"
+        "--skip-training",
+        action="store_true",
+        help="reuse <output>/train/model_final.pth and its metrics",
     )
-    parser.add_argument("--num-val", type=int, default=None, help="val images (default: 100)")
+    parser.add_argument("--num-train", type=int, default=None, help="train images (default 1000)")
+    parser.add_argument("--num-val", type=int, default=None, help="val images (default 100)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args(argv)
 
 
@@ -53,7 +77,7 @@ def prepare_data(args):
     """Generates the shapes dataset unless it is already there.
 
     Sizes given on the command line are exported to the environment variables that the
-    registered dataset loaders read, so that every later ``DatasetCatalog.get`` agrees.
+    registered dataset loaders read (in this process and in train_net.py's).
 
     Returns:
         dict[str, str]: split name -> split folder.
@@ -69,41 +93,168 @@ def prepare_data(args):
     return split_dirs
 
 
-def draw_ground_truth(record, metadata):
-    """Draws one record's annotations over its image; returns an [H, W, 3] uint8 RGB array."""
-    image = read_image(record["file_name"], format="RGB")
-    visualizer = Visualizer(image, metadata, scale=VIS_SCALE)
-    return visualizer.draw_dataset_dict(record).get_image()
+def config_overrides(args, train_dir):
+    overrides = ["OUTPUT_DIR", train_dir, "MODEL.DEVICE", "cpu"]
+    if args.max_iter is not None:
+        overrides += ["SOLVER.MAX_ITER", str(args.max_iter)]
+    return overrides + list(args.opts)
 
 
-def visualize_ground_truth(output_dir, num_images):
-    """Writes ``<stem>_<task>.png`` for the first val images of each shapes dataset.
+def train(args, train_dir):
+    """Trains and evaluates with train_net.py in a child process; returns its wall time (s)."""
+    command = [
+        sys.executable,
+        os.path.join(REPO, "train_net.py"),
+        "--config-file",
+        args.config_file,
+        "--num-gpus",
+        "1",
+        *config_overrides(args, train_dir),
+    ]
+    logger.info("Training: %s", " ".join(command))
+    start = time.perf_counter()
+    completed = subprocess.run(command, cwd=REPO)
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"train_net.py failed with exit code {completed.returncode}; "
+            f"see {os.path.join(train_dir, 'log.txt')}"
+        )
+    return time.perf_counter() - start
+
+
+def read_metrics(train_dir):
+    """Reads detectron2's metrics.json (one JSON object per line).
 
     Returns:
-        list[str]: the written files.
+        losses (list[tuple[int, float]]): (iteration, total_loss) of the logged iterations.
+        results (dict[str, float]): the final evaluation, named as in METRICS.
     """
+    path = os.path.join(train_dir, "metrics.json")
+    losses, results = [], {}
+    with open(path) as f:
+        for line in f:
+            entry = json.loads(line)
+            if "total_loss" in entry:
+                losses.append((entry["iteration"], entry["total_loss"]))
+            results.update({name: entry[key] for key, name in METRICS.items() if key in entry})
+    if not results:
+        raise RuntimeError(f"{path} holds no evaluation results; did training finish?")
+    return losses, results
+
+
+def plot_loss_curve(losses, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([i for i, _ in losses], [v for _, v in losses])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("total loss (train)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def load_predictor(args, train_dir):
+    cfg = get_cfg()
+    add_mask_former_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(config_overrides(args, train_dir))
+    cfg.MODEL.WEIGHTS = os.path.join(train_dir, "model_final.pth")
+    cfg.freeze()
+    return cfg, DefaultPredictor(cfg)
+
+
+def draw_prediction(image, prediction, metadata):
+    """Draws panoptic, instance and semantic predictions; returns three RGB arrays."""
+    panoptic_seg, segments_info = prediction["panoptic_seg"]
+    instances = prediction["instances"].to("cpu")
+    instances = instances[instances.scores > SCORE_THRESHOLD]
+    sem_seg = prediction["sem_seg"].argmax(0).to("cpu")
+    return [
+        Visualizer(image, metadata, scale=VIS_SCALE)
+        .draw_panoptic_seg(panoptic_seg.to("cpu"), segments_info)
+        .get_image(),
+        Visualizer(image, metadata, scale=VIS_SCALE, instance_mode=ColorMode.IMAGE)
+        .draw_instance_predictions(instances)
+        .get_image(),
+        Visualizer(image, metadata, scale=VIS_SCALE).draw_sem_seg(sem_seg).get_image(),
+    ]
+
+
+def draw_ground_truth(image, record, metadata):
+    """Draws a panoptic record's segments, instance by instance, and its semantic map."""
+    views = [
+        {k: record[k] for k in ("file_name", "pan_seg_file_name", "segments_info")},
+        {k: record[k] for k in ("file_name", "annotations")},
+        {k: record[k] for k in ("file_name", "sem_seg_file_name")},
+    ]
+    return [
+        Visualizer(image, metadata, scale=VIS_SCALE).draw_dataset_dict(v).get_image() for v in views
+    ]
+
+
+def visualize(cfg, predictor, output_dir, num_images):
+    """Writes ``<output_dir>/<image>.png``: ground truth (left) next to predictions (right), one
+    row each for panoptic, instance and semantic segmentation."""
     os.makedirs(output_dir, exist_ok=True)
+    dataset = cfg.DATASETS.TEST[0]
+    metadata = MetadataCatalog.get(dataset)
+    instance_records = {
+        r["image_id"]: r for r in DatasetCatalog.get(dataset.replace("panoptic", "instance"))
+    }
     written = []
-    for task, (dataset_name, keys) in GROUND_TRUTH_VIEWS.items():
-        metadata = MetadataCatalog.get(dataset_name)
-        for record in DatasetCatalog.get(dataset_name)[:num_images]:
-            # Panoptic records also name a semantic PNG; draw only the view this file is about.
-            view = {key: record[key] for key in keys}
-            stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
-            path = os.path.join(output_dir, f"{stem}_{task}.png")
-            Image.fromarray(np.ascontiguousarray(draw_ground_truth(view, metadata))).save(path)
-            written.append(path)
+    for record in DatasetCatalog.get(dataset)[:num_images]:
+        record = dict(record, annotations=instance_records[record["image_id"]]["annotations"])
+        image = read_image(record["file_name"], format="RGB")
+        prediction = predictor(image[:, :, ::-1])  # DefaultPredictor takes BGR
+        rows = zip(
+            draw_ground_truth(image, record, metadata), draw_prediction(image, prediction, metadata)
+        )
+        canvas = np.concatenate([np.concatenate(pair, axis=1) for pair in rows], axis=0)
+        stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
+        path = os.path.join(output_dir, f"{stem}.png")
+        Image.fromarray(np.ascontiguousarray(canvas)).save(path)
+        written.append(path)
     return written
 
 
 def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="mask_former")
-    setup_logger()
+    start = time.perf_counter()
     prepare_data(args)
-    written = visualize_ground_truth(args.output, args.num_vis)
+    output = os.path.abspath(args.output)
+    train_dir = os.path.join(output, "train")
+    train_seconds = None if args.skip_training else train(args, train_dir)
+
+    losses, results = read_metrics(train_dir)
+    plot_loss_curve(losses, os.path.join(output, "loss_curve.png"))
+    cfg, predictor = load_predictor(args, train_dir)
+    written = visualize(cfg, predictor, os.path.join(output, "vis"), args.num_vis)
+    summary = {
+        "config": args.config_file,
+        "iterations": cfg.SOLVER.MAX_ITER,
+        "train_and_eval_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - start,
+        "metrics": results,
+        "visualizations": written,
+        "loss_curve": os.path.join(output, "loss_curve.png"),
+        "checkpoint": cfg.MODEL.WEIGHTS,
+    }
+    with open(os.path.join(output, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    logger.info("Shapes val: %s", ", ".join(f"{k} {v:.1f}" for k, v in results.items()))
     logger.info(
-        "Wrote %d ground-truth visualisations to %s", len(written), os.path.abspath(args.output)
+        "Wrote %s, %s and %d visualisations in %s",
+        os.path.join(output, "metrics.json"),
+        summary["loss_curve"],
+        len(written),
+        os.path.join(output, "vis"),
     )
 
 

@@ -1,4 +1,5 @@
 """MaskFormerHead: pixel decoder + transformer decoder, registered as a detectron2 sem-seg head."""
+
 import logging
 from typing import Dict
 
@@ -51,9 +52,7 @@ def run_pixel_decoder(pixel_decoder, features, transformer_in_feature):
         mask_features (Tensor): [B, MASK_DIM, H/4, W/4].
         transformer_input (Tensor or list[Tensor]): what the transformer decoder reads.
     """
-    mask_features, encoder_features, multi_scale_features = pixel_decoder.forward_features(
-        features
-    )
+    mask_features, encoder_features, multi_scale_features = pixel_decoder.forward_features(features)
     if transformer_in_feature not in TRANSFORMER_IN_FEATURES:
         return mask_features, features[transformer_in_feature]
     outputs = {
@@ -78,7 +77,7 @@ def move_pixel_decoder_keys(state_dict, prefix, owner):
     """
     moved = 0
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if rest.startswith(("pixel_decoder.", "predictor.")):
             continue
         new_key = prefix + "pixel_decoder." + rest
@@ -88,8 +87,10 @@ def move_pixel_decoder_keys(state_dict, prefix, owner):
         state_dict[new_key] = state_dict.pop(key)
         moved += 1
     if moved:
-        logger.info(f"{owner}: read {moved} pixel-decoder weights stored under '{prefix}' "
-                    f"as '{prefix}pixel_decoder.*' (older checkpoint layout)")
+        logger.info(
+            f"{owner}: read {moved} pixel-decoder weights stored under '{prefix}' "
+            f"as '{prefix}pixel_decoder.*' (older checkpoint layout)"
+        )
 
 
 class PixelDecoderLayoutMixin:
@@ -108,9 +109,17 @@ class MaskFormerHead(PixelDecoderLayoutMixin, nn.Module):
     """
 
     @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, num_classes: int,
-                 pixel_decoder: nn.Module, loss_weight: float = 1.0, ignore_value: int = -1,
-                 transformer_predictor: nn.Module, transformer_in_feature: str):
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        num_classes: int,
+        pixel_decoder: nn.Module,
+        loss_weight: float = 1.0,
+        ignore_value: int = -1,
+        transformer_predictor: nn.Module,
+        transformer_in_feature: str,
+    ):
         """
         Args:
             input_shape: shapes of the backbone features the head reads.

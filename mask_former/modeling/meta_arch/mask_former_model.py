@@ -1,4 +1,5 @@
 """The MaskFormer meta-architecture (also used by Mask2Former configs)."""
+
 import logging
 from typing import Tuple
 
@@ -37,7 +38,9 @@ def resolve_family(cfg):
         decoder = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
         return "Mask2Former" if decoder in MASK2FORMER_DECODERS else "MaskFormer"
     if family not in FAMILIES:
-        raise ValueError(f"MODEL.MASK_FORMER.FAMILY must be one of {FAMILIES} or '', got {family!r}")
+        raise ValueError(
+            f"MODEL.MASK_FORMER.FAMILY must be one of {FAMILIES} or '', got {family!r}"
+        )
     return family
 
 
@@ -69,12 +72,26 @@ class MaskFormer(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, backbone: nn.Module, sem_seg_head: nn.Module, criterion: nn.Module,
-                 num_queries: int, object_mask_threshold: float, overlap_threshold: float,
-                 metadata, size_divisibility: int, sem_seg_postprocess_before_inference: bool,
-                 pixel_mean: Tuple[float], pixel_std: Tuple[float], semantic_on: bool = True,
-                 panoptic_on: bool = False, instance_on: bool = False,
-                 test_topk_per_image: int = 100, panoptic_mask_threshold_pixels: bool = False):
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        sem_seg_head: nn.Module,
+        criterion: nn.Module,
+        num_queries: int,
+        object_mask_threshold: float,
+        overlap_threshold: float,
+        metadata,
+        size_divisibility: int,
+        sem_seg_postprocess_before_inference: bool,
+        pixel_mean: Tuple[float],
+        pixel_std: Tuple[float],
+        semantic_on: bool = True,
+        panoptic_on: bool = False,
+        instance_on: bool = False,
+        test_topk_per_image: int = 100,
+        panoptic_mask_threshold_pixels: bool = False,
+    ):
         """
         Args:
             backbone (Backbone): a detectron2 backbone.
@@ -174,8 +191,10 @@ class MaskFormer(nn.Module):
             dict[str, Tensor]: weighted losses in training; list[dict] of results in inference.
         """
         if self.training and "instances" not in batched_inputs[0]:
-            raise ValueError("MaskFormer training needs 'instances' (gt_classes, gt_masks) in "
-                             "every input dict; check the dataset mapper")
+            raise ValueError(
+                "MaskFormer training needs 'instances' (gt_classes, gt_masks) in "
+                "every input dict; check the dataset mapper"
+            )
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         outputs = self.sem_seg_head(features)
@@ -215,7 +234,9 @@ class MaskFormer(nn.Module):
     def inference(self, outputs, batched_inputs, images):
         """Turns the head's outputs into per-image results at each input's output size."""
         mask_pred_results = F.interpolate(
-            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
+            outputs["pred_masks"],
+            size=images.tensor.shape[-2:],
+            mode="bilinear",
             align_corners=False,
         )
         results = []
@@ -252,14 +273,20 @@ class MaskFormer(nn.Module):
             result["sem_seg"] = sem_seg
         if self.panoptic_on:
             result["panoptic_seg"] = panoptic_inference(
-                mask_cls, mask_pred, num_classes=self.num_classes, thing_ids=self.thing_ids,
+                mask_cls,
+                mask_pred,
+                num_classes=self.num_classes,
+                thing_ids=self.thing_ids,
                 object_mask_threshold=self.object_mask_threshold,
                 overlap_threshold=self.overlap_threshold,
                 mask_threshold_pixels=self.panoptic_mask_threshold_pixels,
             )
         if self.instance_on:
             result["instances"] = instance_inference(
-                mask_cls, mask_pred, num_classes=self.num_classes, topk=self.test_topk_per_image,
+                mask_cls,
+                mask_pred,
+                num_classes=self.num_classes,
+                topk=self.test_topk_per_image,
                 thing_ids=self.thing_ids if self.panoptic_on else None,
             )
         return result

@@ -1,5 +1,6 @@
 """The MaskFormer paper's per-pixel classification baselines (used with detectron2's
 ``SemanticSegmentor`` meta-architecture)."""
+
 from typing import Dict
 
 import torch.nn.functional as F
@@ -26,8 +27,15 @@ class PerPixelBaselineHead(PixelDecoderLayoutMixin, nn.Module):
     trained with cross-entropy."""
 
     @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, num_classes: int,
-                 pixel_decoder: nn.Module, loss_weight: float = 1.0, ignore_value: int = -1):
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        num_classes: int,
+        pixel_decoder: nn.Module,
+        loss_weight: float = 1.0,
+        ignore_value: int = -1,
+    ):
         """
         Args:
             input_shape: shapes of the backbone features the head reads.
@@ -78,14 +86,16 @@ class PerPixelBaselineHead(PixelDecoderLayoutMixin, nn.Module):
         return self.predictor(mask_features)
 
     def _upsample(self, logits):
-        return F.interpolate(logits, scale_factor=self.common_stride, mode="bilinear",
-                             align_corners=False)
+        return F.interpolate(
+            logits, scale_factor=self.common_stride, mode="bilinear", align_corners=False
+        )
 
     def losses(self, predictions, targets):
         """Cross-entropy of the upsampled logits [B, K, H, W] against targets [B, H, W]."""
         predictions = self._upsample(predictions.float())
-        loss = F.cross_entropy(predictions, targets, reduction="mean",
-                               ignore_index=self.ignore_value)
+        loss = F.cross_entropy(
+            predictions, targets, reduction="mean", ignore_index=self.ignore_value
+        )
         return {"loss_sem_seg": loss * self.loss_weight}
 
 
@@ -98,9 +108,18 @@ class PerPixelBaselinePlusHead(PerPixelBaselineHead):
     """
 
     @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, transformer_in_feature: str,
-                 transformer_predictor: nn.Module, deep_supervision: bool, num_classes: int,
-                 pixel_decoder: nn.Module, loss_weight: float = 1.0, ignore_value: int = -1):
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        transformer_in_feature: str,
+        transformer_predictor: nn.Module,
+        deep_supervision: bool,
+        num_classes: int,
+        pixel_decoder: nn.Module,
+        loss_weight: float = 1.0,
+        ignore_value: int = -1,
+    ):
         """
         Args:
             transformer_in_feature (str): what the predictor reads (see MaskFormerHead).
@@ -108,8 +127,13 @@ class PerPixelBaselinePlusHead(PerPixelBaselineHead):
             deep_supervision (bool): add a loss for every intermediate decoder layer.
             Others as :class:`PerPixelBaselineHead`.
         """
-        super().__init__(input_shape, num_classes=num_classes, pixel_decoder=pixel_decoder,
-                         loss_weight=loss_weight, ignore_value=ignore_value)
+        super().__init__(
+            input_shape,
+            num_classes=num_classes,
+            pixel_decoder=pixel_decoder,
+            loss_weight=loss_weight,
+            ignore_value=ignore_value,
+        )
         del self.predictor
         self.predictor = transformer_predictor
         self.transformer_in_feature = transformer_in_feature
@@ -132,11 +156,14 @@ class PerPixelBaselinePlusHead(PerPixelBaselineHead):
         losses = self.losses(logits, targets)
         if self.deep_supervision:
             for i, aux in enumerate(aux_outputs):
-                losses[f"loss_sem_seg_{i}"] = self.losses(aux["pred_masks"], targets)["loss_sem_seg"]
+                losses[f"loss_sem_seg_{i}"] = self.losses(aux["pred_masks"], targets)[
+                    "loss_sem_seg"
+                ]
         return None, losses
 
     def layers(self, features):
-        mask_features, x = run_pixel_decoder(self.pixel_decoder, features,
-                                             self.transformer_in_feature)
+        mask_features, x = run_pixel_decoder(
+            self.pixel_decoder, features, self.transformer_in_feature
+        )
         predictions = self.predictor(x, mask_features)
         return predictions["pred_masks"], predictions.get("aux_outputs", [])

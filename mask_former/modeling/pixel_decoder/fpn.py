@@ -1,5 +1,6 @@
 """MaskFormer's pixel decoders: a plain FPN, and an FPN whose coarsest level is a transformer
 encoder output."""
+
 from typing import Callable, Dict, Optional, Union
 
 import torch.nn.functional as F
@@ -19,15 +20,24 @@ NUM_MULTI_SCALE_LEVELS = 3
 
 
 def _conv3x3(in_channels, out_channels, norm):
-    conv = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=norm == "",
-                  norm=get_norm(norm, out_channels), activation=F.relu)
+    conv = Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size=3,
+        stride=1,
+        padding=1,
+        bias=norm == "",
+        norm=get_norm(norm, out_channels),
+        activation=F.relu,
+    )
     weight_init.c2_xavier_fill(conv)
     return conv
 
 
 def _conv1x1(in_channels, out_channels, norm):
-    conv = Conv2d(in_channels, out_channels, kernel_size=1, bias=norm == "",
-                  norm=get_norm(norm, out_channels))
+    conv = Conv2d(
+        in_channels, out_channels, kernel_size=1, bias=norm == "", norm=get_norm(norm, out_channels)
+    )
     weight_init.c2_xavier_fill(conv)
     return conv
 
@@ -42,8 +52,14 @@ class BasePixelDecoder(nn.Module):
     """
 
     @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, conv_dim: int, mask_dim: int,
-                 norm: Optional[Union[str, Callable]] = None):
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        conv_dim: int,
+        mask_dim: int,
+        norm: Optional[Union[str, Callable]] = None,
+    ):
         """
         Args:
             input_shape: shapes (channels and stride) of the input features.
@@ -136,10 +152,19 @@ class TransformerEncoderPixelDecoder(BasePixelDecoder):
     """
 
     @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, transformer_dropout: float,
-                 transformer_nheads: int, transformer_dim_feedforward: int,
-                 transformer_enc_layers: int, transformer_pre_norm: bool, conv_dim: int,
-                 mask_dim: int, norm: Optional[Union[str, Callable]] = None):
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        transformer_dropout: float,
+        transformer_nheads: int,
+        transformer_dim_feedforward: int,
+        transformer_enc_layers: int,
+        transformer_pre_norm: bool,
+        conv_dim: int,
+        mask_dim: int,
+        norm: Optional[Union[str, Callable]] = None,
+    ):
         """
         Args:
             transformer_*: the encoder's dropout, heads, FFN width, layers and pre-norm.

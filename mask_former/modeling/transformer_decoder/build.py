@@ -12,6 +12,6 @@ The registered object is called with ``(cfg, in_channels, mask_classification)``
 
 
 def build_transformer_decoder(cfg, in_channels, mask_classification=True):
-    """Builds the transformer decoder named by ``cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``."""
+    """Builds the transformer decoder named by MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME."""
     name = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
     return TRANSFORMER_DECODER_REGISTRY.get(name)(cfg, in_channels, mask_classification)

@@ -1,4 +1,5 @@
 """Sine positional encoding of 2-D feature maps (as in DETR and the MaskFormer papers)."""
+
 import math
 
 import torch
@@ -52,7 +53,9 @@ class PositionEmbeddingSine(nn.Module):
             x_pos = x_pos / (x_pos[:, :, -1:] + eps) * self.scale
 
         exponent = 2 * torch.div(
-            torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device), 2, rounding_mode="floor"
+            torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device),
+            2,
+            rounding_mode="floor",
         )
         inv_freq = self.temperature ** (exponent / self.num_pos_feats)
         pos_y = self._interleave_sin_cos(y_pos[..., None] / inv_freq)

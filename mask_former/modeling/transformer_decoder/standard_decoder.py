@@ -1,4 +1,5 @@
 """MaskFormer's transformer decoder ("predictor"): a DETR decoder over one feature map."""
+
 import torch
 from detectron2.config import configurable
 from detectron2.layers import Conv2d
@@ -40,10 +41,24 @@ class StandardTransformerDecoder(nn.Module):
     """
 
     @configurable
-    def __init__(self, in_channels, mask_classification=True, *, num_classes: int,
-                 hidden_dim: int, num_queries: int, nheads: int, dropout: float,
-                 dim_feedforward: int, enc_layers: int, dec_layers: int, pre_norm: bool,
-                 deep_supervision: bool, mask_dim: int, enforce_input_project: bool):
+    def __init__(
+        self,
+        in_channels,
+        mask_classification=True,
+        *,
+        num_classes: int,
+        hidden_dim: int,
+        num_queries: int,
+        nheads: int,
+        dropout: float,
+        dim_feedforward: int,
+        enc_layers: int,
+        dec_layers: int,
+        pre_norm: bool,
+        deep_supervision: bool,
+        mask_dim: int,
+        enforce_input_project: bool
+    ):
         """
         Args:
             in_channels (int): channels of the feature map the decoder attends to.
@@ -133,4 +148,7 @@ class StandardTransformerDecoder(nn.Module):
     def _aux_outputs(self, outputs_class, outputs_mask):
         if outputs_class is None:
             return [{"pred_masks": m} for m in outputs_mask[:-1]]
-        return [{"pred_logits": c, "pred_masks": m} for c, m in zip(outputs_class[:-1], outputs_mask[:-1])]
+        return [
+            {"pred_logits": c, "pred_masks": m}
+            for c, m in zip(outputs_class[:-1], outputs_mask[:-1])
+        ]

@@ -7,6 +7,7 @@ those of the published checkpoints. Attention is called with ``need_weights=True
 code path: its results are bit-identical to the published model's on CPU (the fused kernel that
 ``need_weights=False`` selects rounds differently).
 """
+
 import copy
 
 import torch
@@ -46,8 +47,15 @@ def _xavier_init(module):
 class TransformerEncoderLayer(nn.Module):
     """Self-attention then feed-forward, each with a residual connection and LayerNorm."""
 
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
-                 normalize_before=False):
+    def __init__(
+        self,
+        d_model,
+        nhead,
+        dim_feedforward=2048,
+        dropout=0.1,
+        activation="relu",
+        normalize_before=False,
+    ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -63,7 +71,11 @@ class TransformerEncoderLayer(nn.Module):
     def _attend(self, src, pos, attn_mask, key_padding_mask):
         q = k = _with_pos(src, pos)
         return self.self_attn(
-            q, k, value=src, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+            q,
+            k,
+            value=src,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
             need_weights=True,
         )[0]
 
@@ -86,15 +98,24 @@ class TransformerEncoderLayer(nn.Module):
                 self._attend(self.norm1(src), pos, src_mask, src_key_padding_mask)
             )
             return src + self.dropout2(self._feed_forward(self.norm2(src)))
-        src = self.norm1(src + self.dropout1(self._attend(src, pos, src_mask, src_key_padding_mask)))
+        src = self.norm1(
+            src + self.dropout1(self._attend(src, pos, src_mask, src_key_padding_mask))
+        )
         return self.norm2(src + self.dropout2(self._feed_forward(src)))
 
 
 class TransformerDecoderLayer(nn.Module):
     """Self-attention over queries, cross-attention to the memory, then feed-forward."""
 
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
-                 normalize_before=False):
+    def __init__(
+        self,
+        d_model,
+        nhead,
+        dim_feedforward=2048,
+        dropout=0.1,
+        activation="relu",
+        normalize_before=False,
+    ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
@@ -110,8 +131,17 @@ class TransformerDecoderLayer(nn.Module):
         self.activation = get_activation_fn(activation)
         self.normalize_before = normalize_before
 
-    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, pos=None, query_pos=None):
+    def forward(
+        self,
+        tgt,
+        memory,
+        tgt_mask=None,
+        memory_mask=None,
+        tgt_key_padding_mask=None,
+        memory_key_padding_mask=None,
+        pos=None,
+        query_pos=None,
+    ):
         """
         Args:
             tgt (Tensor): [Q, B, C] query features.
@@ -126,16 +156,26 @@ class TransformerDecoderLayer(nn.Module):
         pre = self.normalize_before
         x = self.norm1(tgt) if pre else tgt
         q = k = _with_pos(x, query_pos)
-        x = self.self_attn(q, k, value=x, attn_mask=tgt_mask,
-                           key_padding_mask=tgt_key_padding_mask, need_weights=True)[0]
+        x = self.self_attn(
+            q,
+            k,
+            value=x,
+            attn_mask=tgt_mask,
+            key_padding_mask=tgt_key_padding_mask,
+            need_weights=True,
+        )[0]
         tgt = tgt + self.dropout1(x)
         if not pre:
             tgt = self.norm1(tgt)
 
         x = self.norm2(tgt) if pre else tgt
         x = self.multihead_attn(
-            query=_with_pos(x, query_pos), key=_with_pos(memory, pos), value=memory,
-            attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask, need_weights=True,
+            query=_with_pos(x, query_pos),
+            key=_with_pos(memory, pos),
+            value=memory,
+            attn_mask=memory_mask,
+            key_padding_mask=memory_key_padding_mask,
+            need_weights=True,
         )[0]
         tgt = tgt + self.dropout2(x)
         if not pre:
@@ -158,7 +198,9 @@ class TransformerEncoder(nn.Module):
     def forward(self, src, mask=None, src_key_padding_mask=None, pos=None):
         output = src
         for layer in self.layers:
-            output = layer(output, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos)
+            output = layer(
+                output, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos
+            )
         return output if self.norm is None else self.norm(output)
 
 
@@ -184,8 +226,13 @@ class TransformerDecoder(nn.Module):
         output = tgt
         intermediate = []
         for layer in self.layers:
-            output = layer(output, memory, memory_key_padding_mask=memory_key_padding_mask,
-                           pos=pos, query_pos=query_pos)
+            output = layer(
+                output,
+                memory,
+                memory_key_padding_mask=memory_key_padding_mask,
+                pos=pos,
+                query_pos=query_pos,
+            )
             if self.return_intermediate:
                 intermediate.append(self.norm(output))
         if self.return_intermediate:
@@ -201,9 +248,18 @@ def _flatten_map(x):
 class Transformer(nn.Module):
     """The DETR transformer: an encoder over the image features and a query decoder."""
 
-    def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
-                 dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False,
-                 return_intermediate_dec=False):
+    def __init__(
+        self,
+        d_model=512,
+        nhead=8,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        dim_feedforward=2048,
+        dropout=0.1,
+        activation="relu",
+        normalize_before=False,
+        return_intermediate_dec=False,
+    ):
         super().__init__()
         encoder_layer = TransformerEncoderLayer(
             d_model, nhead, dim_feedforward, dropout, activation, normalize_before
@@ -214,7 +270,9 @@ class Transformer(nn.Module):
             d_model, nhead, dim_feedforward, dropout, activation, normalize_before
         )
         self.decoder = TransformerDecoder(
-            decoder_layer, num_decoder_layers, nn.LayerNorm(d_model),
+            decoder_layer,
+            num_decoder_layers,
+            nn.LayerNorm(d_model),
             return_intermediate=return_intermediate_dec,
         )
         _xavier_init(self)
@@ -241,16 +299,25 @@ class Transformer(nn.Module):
             mask = mask.flatten(1)
         tgt = query_embed.new_zeros(query_embed.shape)
         memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
-        hs = self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos_embed,
-                          query_pos=query_embed)
+        hs = self.decoder(
+            tgt, memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_embed
+        )
         return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(batch, channels, height, width)
 
 
 class TransformerEncoderOnly(nn.Module):
     """The DETR encoder alone, on a [B, C, H, W] map (MaskFormer's transformer-encoder FPN)."""
 
-    def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, dim_feedforward=2048,
-                 dropout=0.1, activation="relu", normalize_before=False):
+    def __init__(
+        self,
+        d_model=512,
+        nhead=8,
+        num_encoder_layers=6,
+        dim_feedforward=2048,
+        dropout=0.1,
+        activation="relu",
+        normalize_before=False,
+    ):
         super().__init__()
         encoder_layer = TransformerEncoderLayer(
             d_model, nhead, dim_feedforward, dropout, activation, normalize_before
@@ -274,6 +341,7 @@ class TransformerEncoderOnly(nn.Module):
         batch, channels, height, width = src.shape
         if mask is not None:
             mask = mask.flatten(1)
-        memory = self.encoder(_flatten_map(src), src_key_padding_mask=mask,
-                              pos=_flatten_map(pos_embed))
+        memory = self.encoder(
+            _flatten_map(src), src_key_padding_mask=mask, pos=_flatten_map(pos_embed)
+        )
         return memory.permute(1, 2, 0).reshape(batch, channels, height, width)
