@@ -1,0 +1,301 @@
+"""Mask2Former's pixel decoder and masked-attention decoder against the published implementation's
+outputs (../shared/golden/mask2former_head.pt), and their documented behaviour."""
+
+import pytest
+import torch
+from conftest import load_golden
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_sem_seg_head
+from test_maskformer_heads import build_golden_head, cfg_with
+
+from mask_former.modeling.pixel_decoder.msdeformattn import (
+    ENCODER_FEEDFORWARD_DIM,
+    ENCODER_NUM_POINTS,
+    encoder_reference_points,
+)
+from mask_former.modeling.transformer_decoder import PositionEmbeddingSine
+from mask_former.modeling.transformer_decoder.mask2former_decoder import (
+    CachedPositionEmbeddingSine,
+    attention_bias,
+)
+
+# One thread: the goldens were recorded with one, and the CPU is shared (faster too).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GOLDEN = "mask2former_head.pt"
+ATOL = RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_golden(GOLDEN)
+
+
+def golden_shapes(golden):
+    return {
+        k: ShapeSpec(channels=v["channels"], stride=v["stride"])
+        for k, v in golden["input_shapes"].items()
+    }
+
+
+def build_head(golden, **overrides):
+    """A randomly initialised head of the golden file's config with ``overrides`` applied."""
+    return build_sem_seg_head(cfg_with({**golden["cfg"], **overrides}), golden_shapes(golden))
+
+
+def run_head(head, features):
+    """The head's steps one by one, recording the decoder's attention masks."""
+    with torch.no_grad():
+        mask_features, encoder_features, multi_scale = head.pixel_decoder.forward_features(features)
+        with head.predictor.record_attention_masks() as attn_masks:
+            out = head.predictor(multi_scale, mask_features)
+    return out, (mask_features, encoder_features, multi_scale), attn_masks
+
+
+def assert_close(ours, ref):
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_head_matches_golden(golden, one_thread):
+    head = build_golden_head(golden)  # also checks the state_dict keys and their order
+    out, (mask_features, encoder_features, multi_scale), attn_masks = run_head(
+        head, golden["features"]
+    )
+    assert_close(out["pred_logits"], golden["pred_logits"])
+    assert_close(out["pred_masks"], golden["pred_masks"])
+    assert len(out["aux_outputs"]) == len(golden["aux_outputs"]) == 3
+    for ours, ref in zip(out["aux_outputs"], golden["aux_outputs"]):
+        assert_close(ours["pred_logits"], ref["pred_logits"])
+        assert_close(ours["pred_masks"], ref["pred_masks"])
+
+    inter = golden["intermediates"]
+    assert_close(mask_features, inter["mask_features"])
+    assert_close(encoder_features, inter["transformer_encoder_features"])
+    assert [f.shape[-2:] for f in multi_scale] == [(2, 3), (4, 6), (8, 12)]
+    for ours, ref in zip(multi_scale, inter["multi_scale_features"]):
+        assert_close(ours, ref)
+    assert len(attn_masks) == len(inter["attn_masks_pre_fix"]) == 4
+    for ours, ref in zip(attn_masks, inter["attn_masks_pre_fix"]):
+        assert ours.dtype == torch.bool and torch.equal(ours, ref)
+
+
+def test_head_forward_equals_step_by_step(golden):
+    head = build_golden_head(golden)
+    out, _, _ = run_head(head, golden["features"])
+    with torch.no_grad():
+        direct = head(golden["features"])
+    assert torch.equal(direct["pred_masks"], out["pred_masks"])
+    assert torch.equal(direct["pred_logits"], out["pred_logits"])
+    # nothing is recorded outside record_attention_masks()
+    assert head.predictor._attn_mask_log is None
+
+
+def test_initialisation_matches_published(golden):
+    """The golden weights are the published initialisation (torch.manual_seed(0)) plus seeded
+    N(0, 0.05^2) noise in state_dict order: removing the noise gives our initialisation."""
+    torch.manual_seed(0)
+    head = build_head(golden)
+    noise = torch.Generator().manual_seed(golden["seeds"]["perturb_seed"])
+    std = golden["seeds"]["perturb_std"]
+    for key, value in head.state_dict().items():
+        ref = golden["state_dict"]["sem_seg_head." + key]
+        initial = ref - torch.randn(ref.shape, generator=noise) * std
+        torch.testing.assert_close(value, initial, atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("dec_layers", [1, 2, 4, 8])
+def test_layer_count_and_level_cycle_follow_dec_layers(golden, dec_layers):
+    head = build_head(golden, **{"MODEL.MASK_FORMER.DEC_LAYERS": dec_layers}).eval()
+    predictor = head.predictor
+    assert predictor.num_layers == dec_layers - 1
+    assert len(predictor.transformer_cross_attention_layers) == dec_layers - 1
+    out, (_, _, multi_scale), attn_masks = run_head(head, golden["features"])
+    assert len(out["aux_outputs"]) == dec_layers - 1
+    # prediction i makes the mask of layer i, which reads level i % 3 (coarsest first)
+    sizes = [f.shape[-2] * f.shape[-1] for f in multi_scale]
+    assert [m.shape[-1] for m in attn_masks] == [sizes[i % 3] for i in range(dec_layers)]
+
+
+def test_dec_layers_zero_is_rejected(golden):
+    with pytest.raises(ValueError, match="DEC_LAYERS"):
+        build_head(golden, **{"MODEL.MASK_FORMER.DEC_LAYERS": 0})
+
+
+def test_fully_masked_query_attends_everywhere(golden):
+    """With every mask logit negative, every query's previous mask is empty: the rows are reset
+    to "attend everywhere", exactly as if there were no attention mask, and nothing is NaN."""
+    head = build_golden_head(golden)
+    with torch.no_grad():
+        last = head.predictor.mask_embed.layers[-1]
+        last.weight.zero_()
+        last.bias.fill_(-1.0)
+        mask_features = torch.ones(2, 32, 16, 24)
+        _, _, multi_scale = head.pixel_decoder.forward_features(golden["features"])
+        with head.predictor.record_attention_masks() as attn_masks:
+            masked = head.predictor(multi_scale, mask_features)
+        assert all(m.all() for m in attn_masks)
+        head.predictor._attention_mask = lambda logits, size: torch.zeros(
+            logits.shape[:2] + (size[0] * size[1],), dtype=torch.bool
+        )
+        unmasked = head.predictor(multi_scale, mask_features)
+    assert (
+        torch.isfinite(masked["pred_logits"]).all() and torch.isfinite(masked["pred_masks"]).all()
+    )
+    assert torch.equal(masked["pred_logits"], unmasked["pred_logits"])
+    assert torch.equal(masked["pred_masks"], unmasked["pred_masks"])
+
+
+def test_attention_mask_threshold_and_empty_rows(golden):
+    predictor = build_golden_head(golden).predictor
+    logits = torch.full((1, 3, 4, 4), -2.0)
+    logits[0, 1, :2] = 3.0  # top half of query 1 is inside its mask
+    logits[0, 2] = 1.0  # query 2 covers everything
+    with predictor.record_attention_masks() as recorded:
+        mask = predictor._attention_mask(logits, (2, 2))
+    assert recorded[0][0, 0].all()  # query 0's mask is empty before the reset ...
+    assert not mask[0, 0].any()  # ... and attends everywhere after it
+    assert mask[0, 1].tolist() == [False, False, True, True]
+    assert not mask[0, 2].any()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_attention_bias_equals_multihead_attention_bool_mask(batch):
+    attn = torch.nn.MultiheadAttention(16, 4).eval()
+    query, key = torch.randn(5, batch, 16), torch.randn(7, batch, 16)
+    mask = torch.rand(batch, 5, 7) > 0.5
+    mask[..., 0] = False
+    with torch.no_grad():
+        expected = attn(query, key, key, attn_mask=mask.repeat_interleave(4, dim=0))[0]
+        ours = attn(query, key, key, attn_mask=attention_bias(mask, 4, query.dtype))[0]
+    assert torch.equal(ours, expected)
+
+
+def test_deformable_encoder_ignores_n_points_and_n_heads_keys(golden):
+    """Published quirk: the encoder uses MASK_FORMER.NHEADS heads, 4 points and a 1024-wide FFN;
+    SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS / _N_HEADS are not read."""
+    reference = build_head(golden)
+    ignored = build_head(
+        golden,
+        **{
+            "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS": 2,
+            "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS": 2,
+        },
+    )
+    shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    assert {k: v.shape for k, v in ignored.state_dict().items()} == shapes
+    attn = ignored.pixel_decoder.transformer.encoder.layers[0].self_attn
+    assert (attn.n_heads, attn.n_points, attn.n_levels) == (4, ENCODER_NUM_POINTS, 3)
+    layer = ignored.pixel_decoder.transformer.encoder.layers[0]
+    assert layer.linear1.out_features == ENCODER_FEEDFORWARD_DIM == 1024
+
+
+def test_pixel_decoder_levels_coarsest_first(golden):
+    decoder = build_head(golden).pixel_decoder
+    # input_proj.0 reads res5 (40 channels), input_proj.2 reads res3 (24 channels)
+    assert [p[0].in_channels for p in decoder.input_proj] == [40, 32, 24]
+    assert decoder.transformer_in_features == ["res3", "res4", "res5"]
+    assert decoder.num_fpn_levels == 1 and hasattr(decoder, "adapter_1")
+
+
+def test_common_stride_decides_fpn_levels(golden):
+    decoder = build_head(golden, **{"MODEL.SEM_SEG_HEAD.COMMON_STRIDE": 8}).pixel_decoder.eval()
+    assert decoder.num_fpn_levels == 0
+    assert not any(k.startswith(("adapter_", "layer_")) for k in decoder.state_dict())
+    with torch.no_grad():
+        mask_features, _, multi_scale = decoder.forward_features(golden["features"])
+    assert mask_features.shape == (2, 32, 8, 12)  # stride 8: the res3 encoder level
+    assert len(multi_scale) == 3
+
+
+def test_common_stride_coarser_than_encoder_is_rejected(golden):
+    with pytest.raises(ValueError, match="COMMON_STRIDE"):
+        build_head(golden, **{"MODEL.SEM_SEG_HEAD.COMMON_STRIDE": 16})
+
+
+def test_encoder_features_outside_in_features_are_rejected(golden):
+    flat = {"MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES": ["res3", "res6"]}
+    with pytest.raises(ValueError, match="res6"):
+        build_head(golden, **flat)
+
+
+def test_encoder_reference_points_are_normalised_pixel_centres():
+    points = encoder_reference_points([(2, 3), (1, 2)], batch=2, device=torch.device("cpu"))
+    assert points.shape == (2, 8, 2, 2)
+    xs = [0.5 / 3, 1.5 / 3, 2.5 / 3] * 2 + [0.25, 0.75]
+    ys = [0.25] * 3 + [0.75] * 3 + [0.5, 0.5]
+    expected = torch.tensor([xs, ys]).T
+    for b in range(2):
+        for level in range(2):
+            assert torch.equal(points[b, :, level], expected)
+
+
+def test_deformable_attention_implementation_is_selectable(golden):
+    from mask_former.modeling.pixel_decoder import MSDeformAttnPixelDecoder
+
+    shapes = {k: v for k, v in golden_shapes(golden).items()}
+    cfg = cfg_with(golden["cfg"])
+    torch.manual_seed(0)
+    auto = MSDeformAttnPixelDecoder(cfg, shapes).eval()
+    torch.manual_seed(0)
+    pytorch = MSDeformAttnPixelDecoder(cfg, shapes, deform_attn_impl="pytorch").eval()
+    assert {layer.self_attn.impl for layer in pytorch.transformer.encoder.layers} == {"pytorch"}
+    with torch.no_grad():
+        a = auto.forward_features(golden["features"])[0]
+        b = pytorch.forward_features(golden["features"])[0]
+    assert torch.equal(a, b)  # on CPU "auto" is the PyTorch implementation
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"MODEL.MASK_FORMER.PRE_NORM": True},
+        {"MODEL.MASK_FORMER.DEEP_SUPERVISION": False},
+        {"MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ": True},
+        {"MODEL.SEM_SEG_HEAD.NORM": ""},
+    ],
+)
+def test_variants_build_and_run(golden, overrides):
+    head = build_head(golden, **overrides).eval()
+    with torch.no_grad():
+        out = head(golden["features"])
+    assert out["pred_masks"].shape == (2, 7, 16, 24)
+    assert out["pred_logits"].shape == (2, 7, 6)
+    assert torch.isfinite(out["pred_masks"]).all() and torch.isfinite(out["pred_logits"]).all()
+    assert ("aux_outputs" in out) == overrides.get("MODEL.MASK_FORMER.DEEP_SUPERVISION", True)
+    if overrides.get("MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ"):
+        assert all(isinstance(p, torch.nn.Conv2d) for p in head.predictor.input_proj)
+
+
+def test_without_mask_classification_only_masks(golden):
+    from mask_former.modeling.transformer_decoder import build_transformer_decoder
+
+    torch.manual_seed(0)
+    predictor = build_transformer_decoder(cfg_with(golden["cfg"]), 32, mask_classification=False)
+    assert not hasattr(predictor, "class_embed")
+    multi_scale = [torch.randn(2, 32, h, w) for h, w in [(2, 3), (4, 6), (8, 12)]]
+    with torch.no_grad():
+        out = predictor.eval()(multi_scale, torch.randn(2, 32, 16, 24))
+    assert set(out) == {"pred_masks", "aux_outputs"}
+    assert all(set(aux) == {"pred_masks"} for aux in out["aux_outputs"])
+
+
+def test_decoder_needs_three_levels(golden):
+    predictor = build_golden_head(golden).predictor
+    with pytest.raises(ValueError, match="3 feature levels"):
+        predictor([torch.randn(2, 32, 2, 3)] * 2, torch.randn(2, 32, 16, 24))
+
+
+def test_cached_position_encoding_equals_uncached():
+    cached = CachedPositionEmbeddingSine(8, normalize=True)
+    plain = PositionEmbeddingSine(8, normalize=True)
+    for shape in [(2, 16, 5, 7), (1, 16, 5, 7), (3, 16, 4, 4), (2, 16, 5, 7)]:
+        x = torch.randn(shape)
+        assert torch.equal(cached(x), plain(x))
+    assert len(cached._cache) == 2  # one entry per (H, W), shared by all batch sizes
+    for size in range(1, 20):
+        cached(torch.zeros(1, 1, size, 3))
+    assert len(cached._cache) == cached.max_entries
+    mask = torch.zeros(2, 5, 7, dtype=torch.bool)
+    mask[:, :, 5:] = True  # padded maps are encoded afresh
+    x = torch.randn(2, 16, 5, 7)
+    assert torch.equal(cached(x, mask), plain(x, mask))
