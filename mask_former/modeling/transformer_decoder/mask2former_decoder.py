@@ -455,7 +455,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         if self._attn_mask_log is not None:
             self._attn_mask_log.append(attn_mask.clone())
         # Attending to nothing would make the softmax NaN.
-        return attn_mask.masked_fill_(attn_mask.all(-1, keepdim=True), False)
+        return attn_mask & ~attn_mask.all(-1, keepdim=True)
 
     def _pack_outputs(self, predictions: List[Tuple[Optional[Tensor], Tensor]]) -> Dict:
         out = self._prediction_dict(*predictions[-1])
