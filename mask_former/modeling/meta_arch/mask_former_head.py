@@ -93,6 +93,20 @@ def move_pixel_decoder_keys(state_dict, prefix, owner):
         )
 
 
+def common_head_config(cfg, input_shape):
+    """The ``from_config`` arguments every head of this package shares: the backbone features it
+    reads, its pixel decoder, classes, ignore value and loss weight."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    input_shape = {k: v for k, v in input_shape.items() if k in head.IN_FEATURES}
+    return {
+        "input_shape": input_shape,
+        "ignore_value": head.IGNORE_VALUE,
+        "num_classes": head.NUM_CLASSES,
+        "pixel_decoder": build_pixel_decoder(cfg, input_shape),
+        "loss_weight": head.LOSS_WEIGHT,
+    }
+
+
 class PixelDecoderLayoutMixin:
     """Lets a head load checkpoints in both pixel-decoder layouts (see move_pixel_decoder_keys)."""
 
@@ -143,19 +157,12 @@ class MaskFormerHead(PixelDecoderLayoutMixin, nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        head = cfg.MODEL.SEM_SEG_HEAD
-        input_shape = {k: v for k, v in input_shape.items() if k in head.IN_FEATURES}
-        return {
-            "input_shape": input_shape,
-            "ignore_value": head.IGNORE_VALUE,
-            "num_classes": head.NUM_CLASSES,
-            "pixel_decoder": build_pixel_decoder(cfg, input_shape),
-            "loss_weight": head.LOSS_WEIGHT,
-            "transformer_in_feature": cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE,
-            "transformer_predictor": build_transformer_decoder(
-                cfg, transformer_input_channels(cfg, input_shape), mask_classification=True
-            ),
-        }
+        ret = common_head_config(cfg, input_shape)
+        ret["transformer_in_feature"] = cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE
+        ret["transformer_predictor"] = build_transformer_decoder(
+            cfg, transformer_input_channels(cfg, ret["input_shape"]), mask_classification=True
+        )
+        return ret
 
     def forward(self, features, mask=None):
         """

@@ -10,10 +10,10 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from fvcore.nn import weight_init
 from torch import nn
 
-from ..pixel_decoder import build_pixel_decoder
 from ..transformer_decoder import build_transformer_decoder
 from .mask_former_head import (
     PixelDecoderLayoutMixin,
+    common_head_config,
     run_pixel_decoder,
     transformer_input_channels,
 )
@@ -56,15 +56,7 @@ class PerPixelBaselineHead(PixelDecoderLayoutMixin, nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        head = cfg.MODEL.SEM_SEG_HEAD
-        input_shape = {k: v for k, v in input_shape.items() if k in head.IN_FEATURES}
-        return {
-            "input_shape": input_shape,
-            "ignore_value": head.IGNORE_VALUE,
-            "num_classes": head.NUM_CLASSES,
-            "pixel_decoder": build_pixel_decoder(cfg, input_shape),
-            "loss_weight": head.LOSS_WEIGHT,
-        }
+        return common_head_config(cfg, input_shape)
 
     def forward(self, features, targets=None):
         """

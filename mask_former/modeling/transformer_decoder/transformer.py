@@ -245,6 +245,17 @@ def _flatten_map(x):
     return x.flatten(2).permute(2, 0, 1)
 
 
+def _build_encoder(
+    d_model, nhead, num_layers, dim_feedforward, dropout, activation, normalize_before
+):
+    """The DETR encoder; with pre-norm it ends with a LayerNorm."""
+    layer = TransformerEncoderLayer(
+        d_model, nhead, dim_feedforward, dropout, activation, normalize_before
+    )
+    norm = nn.LayerNorm(d_model) if normalize_before else None
+    return TransformerEncoder(layer, num_layers, norm)
+
+
 class Transformer(nn.Module):
     """The DETR transformer: an encoder over the image features and a query decoder."""
 
@@ -261,11 +272,15 @@ class Transformer(nn.Module):
         return_intermediate_dec=False,
     ):
         super().__init__()
-        encoder_layer = TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward, dropout, activation, normalize_before
+        self.encoder = _build_encoder(
+            d_model,
+            nhead,
+            num_encoder_layers,
+            dim_feedforward,
+            dropout,
+            activation,
+            normalize_before,
         )
-        encoder_norm = nn.LayerNorm(d_model) if normalize_before else None
-        self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers, encoder_norm)
         decoder_layer = TransformerDecoderLayer(
             d_model, nhead, dim_feedforward, dropout, activation, normalize_before
         )
@@ -319,11 +334,15 @@ class TransformerEncoderOnly(nn.Module):
         normalize_before=False,
     ):
         super().__init__()
-        encoder_layer = TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward, dropout, activation, normalize_before
+        self.encoder = _build_encoder(
+            d_model,
+            nhead,
+            num_encoder_layers,
+            dim_feedforward,
+            dropout,
+            activation,
+            normalize_before,
         )
-        encoder_norm = nn.LayerNorm(d_model) if normalize_before else None
-        self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers, encoder_norm)
         _xavier_init(self)
         self.d_model = d_model
         self.nhead = nhead
