@@ -3,6 +3,7 @@
 Shapes: ``H, W`` is the image size after augmentation and padding; ``n`` the number of targets.
 """
 
+import abc
 import copy
 import logging
 
@@ -51,7 +52,7 @@ def _num_classes(cfg, class_names_key):
     return len(names) if names else cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
 
 
-class MaskFormerBaseDatasetMapper:
+class MaskFormerBaseDatasetMapper(abc.ABC):
     """Maps a detectron2 dataset record to a MaskFormer training input.
 
     Reads the image (and the semantic map when ``reads_sem_seg``), applies the augmentations,
@@ -130,6 +131,7 @@ class MaskFormerBaseDatasetMapper:
         self._check_classes(classes, dataset_dict["file_name"])
         return self._pack(dataset_dict, aug_input, classes, masks)
 
+    @abc.abstractmethod
     def build_targets(self, dataset_dict, aug_input, transforms):
         """Builds the mask targets of one record (implemented by subclasses).
 
@@ -141,7 +143,6 @@ class MaskFormerBaseDatasetMapper:
         Returns:
             tuple[list[int], list[np.ndarray]]: class ids and [h, w] bool masks (unpadded).
         """
-        raise NotImplementedError
 
     def finalize_instances(self, instances):
         """Hook for subclasses to add or filter fields of the padded ``instances``."""
