@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import load_golden
+from conftest import load_golden, set_flat
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_sem_seg_head
@@ -16,13 +16,7 @@ def cfg_with(flat):
     """A config with the golden file's {dotted key: value} entries applied."""
     cfg = get_cfg()
     add_mask_former_config(cfg)
-    for key, value in flat.items():
-        *path, leaf = key.split(".")
-        node = cfg
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return cfg
+    return set_flat(cfg, flat)
 
 
 def build_golden_head(golden):
