@@ -11,6 +11,8 @@ setup(
     description="MaskFormer and Mask2Former: universal image segmentation by mask classification, "
     "as a detectron2 extension",
     packages=find_packages(include=("mask_former", "mask_former.*")),
+    # category tables of the dataset registrations
+    package_data={"mask_former.data.datasets": ["categories/*.json"]},
     python_requires=">=3.8",
     install_requires=[
         "torch>=1.9",
