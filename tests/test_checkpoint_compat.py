@@ -1,8 +1,11 @@
 """Published checkpoints load unchanged: state_dict keys, shapes and dtypes equal the published
-models', and .pkl files in both pixel-decoder layouts load through DetectionCheckpointer."""
+models' (every file of ``../shared/spec/checkpoint_format``, Swin included), a .pkl in the published
+model-zoo format with each file's keys loads into the model of the matching config, and .pkl files
+in both pixel-decoder layouts load through DetectionCheckpointer."""
 
 import logging
 import pickle
+import re
 
 import pytest
 import torch
@@ -14,14 +17,8 @@ from detectron2.modeling import build_model
 from mask_former import add_mask_former_config
 
 TSV_DIR = SHARED / "spec" / "checkpoint_format"
-# Checked here: the MaskFormer files; Swin and Mask2Former files are checked with their components.
-MASKFORMER_TSVS = [
-    "maskformer__ade20k-150__maskformer_R50_bs16_160k.tsv",
-    "maskformer__ade20k-150__maskformer_R101_bs16_160k.tsv",
-    "maskformer__coco-panoptic__maskformer_panoptic_R50_bs64_554k.tsv",
-    "maskformer__ade20k-150__per_pixel_baseline_R50_bs16_160k.tsv",
-    "maskformer__ade20k-150__per_pixel_baseline_plus_R50_bs16_160k.tsv",
-]
+# Every published checkpoint layout on record (MaskFormer and Mask2Former, ResNet and Swin).
+ALL_TSVS = sorted(p.name for p in TSV_DIR.glob("*.tsv"))
 
 
 def tsv_config(tsv_name):
@@ -50,7 +47,13 @@ def full_size_model(config_file):
     return build_model(cfg)
 
 
-@pytest.mark.parametrize("tsv", MASKFORMER_TSVS)
+def test_every_layout_is_checked():
+    assert len(ALL_TSVS) >= 10 and any("swin" in name for name in ALL_TSVS)
+    for tsv in ALL_TSVS:
+        assert (REPO / tsv_config(tsv)).exists(), tsv
+
+
+@pytest.mark.parametrize("tsv", ALL_TSVS)
 def test_state_dict_equals_published_layout(tsv):
     expected = read_tsv(TSV_DIR / tsv)
     model = full_size_model(tsv_config(tsv))
@@ -60,6 +63,31 @@ def test_state_dict_equals_published_layout(tsv):
     ]
     assert [k for k, _, _ in ours] == [k for k, _, _ in expected]
     assert ours == expected
+
+
+def _distinct_state_dict(rows):
+    """Tensors with the keys, shapes and dtypes of a checkpoint-format file, each filled with its
+    own value (its index), so that a value loaded into the wrong key shows; cheaper than random."""
+    return {
+        key: torch.full(shape, index, dtype=getattr(torch, dtype))
+        for index, (key, shape, dtype) in enumerate(rows)
+    }
+
+
+@pytest.mark.parametrize("tsv", ALL_TSVS)
+def test_published_model_zoo_pkl_loads_into_its_config(tmp_path, caplog, tsv):
+    """A file in the published format ({"model": numpy arrays, "__author__": ...}, exact names, no
+    matching heuristics) with the published keys: nothing missing, nothing unused, all values
+    loaded (what MODEL_ZOO.md promises)."""
+    checkpoint = _distinct_state_dict(read_tsv(TSV_DIR / tsv))
+    path = _pkl(tmp_path, "model_final.pkl", checkpoint)
+    model = full_size_model(tsv_config(tsv))
+    with caplog.at_level(logging.INFO):
+        DetectionCheckpointer(model).load(path)
+    assert "not found" not in caplog.text and "not used" not in caplog.text, caplog.text
+    ours = model.state_dict()
+    for key, value in checkpoint.items():
+        assert torch.equal(ours[key], value), key
 
 
 def _pkl(tmp_path, name, state_dict):
@@ -119,3 +147,16 @@ def test_own_pth_checkpoint_round_trip(tmp_path):
     DetectionCheckpointer(target).load(str(tmp_path / "model_final.pth"))
     for (k, a), b in zip(source.state_dict().items(), target.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_model_zoo_md_lists_every_config_and_the_recorded_ones():
+    text = (REPO / "MODEL_ZOO.md").read_text()
+    rows = re.findall(r"^\| `(configs/[^`]+\.yaml)` \|.*\| (\w+) \|$", text, flags=re.M)
+    leaf_configs = {
+        p.relative_to(REPO).as_posix()
+        for p in (REPO / "configs").rglob("*.yaml")
+        if not p.name.startswith("Base-") and p.parent.name != "shapes"
+    }
+    assert sorted(config for config, _ in rows) == sorted(leaf_configs)
+    recorded = {config for config, check in rows if check == "recorded"}
+    assert recorded == {tsv_config(tsv) for tsv in ALL_TSVS}

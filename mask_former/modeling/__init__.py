@@ -1,6 +1,8 @@
-"""Models: importing this package registers the meta-architecture, heads, pixel decoders and
-transformer decoders into detectron2's (and our own) registries."""
-from . import pixel_decoder, transformer_decoder  # noqa: F401  (registration)
+"""Models: importing this package registers the meta-architecture, heads, backbones, pixel decoders
+and transformer decoders into detectron2's (and our own) registries."""
+
+from . import backbone, pixel_decoder, transformer_decoder  # noqa: F401  (registration)
+from .backbone import D2SwinTransformer
 from .meta_arch import (
     MaskFormer,
     MaskFormerHead,
@@ -12,6 +14,7 @@ from .pixel_decoder import PIXEL_DECODER_REGISTRY, build_pixel_decoder
 from .transformer_decoder import TRANSFORMER_DECODER_REGISTRY, build_transformer_decoder
 
 __all__ = [
+    "D2SwinTransformer",
     "MaskFormer",
     "MaskFormerHead",
     "PerPixelBaselineHead",
