@@ -1,10 +1,13 @@
-"""Training helpers used by ``train_net.py``: optimizer, CPU-capable launch and trainer steps."""
+"""Training helpers used by ``train_net.py`` (optimizer, CPU-capable launch, trainer steps) and the
+batched predictor."""
 
 from .defaults import amp_enabled, build_step_trainer, create_ddp_model
 from .launch import launch
 from .optimizer import build_optimizer, get_param_groups
+from .predictor import BatchPredictor
 
 __all__ = [
+    "BatchPredictor",
     "amp_enabled",
     "build_optimizer",
     "build_step_trainer",
