@@ -25,7 +25,13 @@ from detectron2.utils.logger import setup_logger
 
 from mask_former import add_mask_former_config  # importing mask_former registers everything
 from mask_former.data.dataset_mappers import DATASET_MAPPERS
-from mask_former.engine import build_optimizer, build_step_trainer, create_ddp_model, launch
+from mask_former.engine import (
+    build_optimizer,
+    build_step_trainer,
+    create_ddp_model,
+    launch,
+    use_cpu_without_cuda,
+)
 from mask_former.evaluation import build_evaluator
 from mask_former.test_time_augmentation import SemanticSegmentorWithTTA
 
@@ -106,11 +112,13 @@ class Trainer(DefaultTrainer):
 
 
 def load_config(args):
-    """The frozen config of the command line: defaults, our keys, the file, then the options."""
+    """The frozen config of the command line: defaults, our keys, the file, then the options; the
+    CPU when the config names CUDA and there is none."""
     cfg = get_cfg()
     add_mask_former_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    use_cpu_without_cuda(cfg)
     cfg.freeze()
     return cfg
 

@@ -22,7 +22,6 @@ import sys
 import time
 
 import cv2
-import torch
 from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 from PIL import Image
@@ -30,6 +29,7 @@ from predictor import VisualizationDemo, read_image_rgb
 from tqdm import tqdm
 
 from mask_former import add_mask_former_config
+from mask_former.engine import use_cpu_without_cuda
 
 logger = logging.getLogger("mask_former.demo")
 
@@ -89,11 +89,7 @@ def setup_cfg(args):
     add_mask_former_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
-        logger.warning(
-            "MODEL.DEVICE is %r but CUDA is not available: using the CPU", cfg.MODEL.DEVICE
-        )
-        cfg.MODEL.DEVICE = "cpu"
+    use_cpu_without_cuda(cfg)
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: the model has random weights")
     cfg.freeze()

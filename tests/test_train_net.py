@@ -225,6 +225,20 @@ def test_amp_is_skipped_on_cpu(caplog):
     assert not amp_enabled(cfg) and not caplog.records
 
 
+@pytest.mark.parametrize("cuda_available,expected", [(False, "cpu"), (True, "cuda:1")])
+def test_config_uses_the_cpu_when_cuda_is_missing(monkeypatch, caplog, cuda_available, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(REPO / "configs/shapes/maskformer_R18_shapes.yaml")]
+        + ["MODEL.DEVICE", "cuda:1"]
+    )
+    with caplog.at_level(logging.WARNING, logger="mask_former.engine.defaults"):
+        cfg = train_net.load_config(args)
+    assert cfg.MODEL.DEVICE == expected
+    warned = any("CUDA is not available" in r.getMessage() for r in caplog.records)
+    assert warned == (not cuda_available)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loaders and evaluators on the shapes datasets
 # ---------------------------------------------------------------------------------------------

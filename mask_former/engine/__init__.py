@@ -1,7 +1,7 @@
 """Training helpers used by ``train_net.py`` (optimizer, CPU-capable launch, trainer steps) and the
 batched predictor."""
 
-from .defaults import amp_enabled, build_step_trainer, create_ddp_model
+from .defaults import amp_enabled, build_step_trainer, create_ddp_model, use_cpu_without_cuda
 from .launch import launch
 from .optimizer import build_optimizer, get_param_groups
 from .predictor import BatchPredictor
@@ -14,4 +14,5 @@ __all__ = [
     "create_ddp_model",
     "get_param_groups",
     "launch",
+    "use_cpu_without_cuda",
 ]

@@ -1,4 +1,8 @@
-"""The two steps of detectron2's ``DefaultTrainer.__init__`` that assume CUDA, made device-aware.
+"""The steps of detectron2's training and inference set-up that assume CUDA, made device-aware.
+
+- detectron2's default ``MODEL.DEVICE`` is "cuda"; on a machine without CUDA,
+  ``use_cpu_without_cuda`` switches the config to the CPU (logged) instead of failing deep inside
+  ``model.to``.
 
 - ``create_ddp_model`` passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects
   for a CPU module (v0.6 and main alike).
@@ -13,9 +17,26 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.utils import comm
 
-__all__ = ["amp_enabled", "build_step_trainer", "create_ddp_model"]
+__all__ = ["amp_enabled", "build_step_trainer", "create_ddp_model", "use_cpu_without_cuda"]
 
 logger = logging.getLogger(__name__)
+
+
+def use_cpu_without_cuda(cfg):
+    """Sets ``MODEL.DEVICE`` to "cpu" (with a warning) when it names CUDA and CUDA is unavailable.
+
+    Args:
+        cfg (CfgNode): a config that is not frozen; changed in place.
+
+    Returns:
+        CfgNode: ``cfg``.
+    """
+    if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
+        logger.warning(
+            "MODEL.DEVICE is %r but CUDA is not available: using the CPU", cfg.MODEL.DEVICE
+        )
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
 
 
 def create_ddp_model(model, **kwargs):
