@@ -34,7 +34,7 @@ from fvcore.nn import (
 from torch import nn
 
 from mask_former import add_mask_former_config
-from mask_former.engine.predictor import BatchPredictor
+from mask_former.engine import BatchPredictor, use_cpu_without_cuda
 
 logger = logging.getLogger("mask_former.analyze_model")
 
@@ -85,9 +85,7 @@ def setup_cfg(args):
     cfg.merge_from_file(args.config_file, allow_unsafe=False)
     cfg.merge_from_list(args.opts)
     cfg.MODEL.WEIGHTS = ""
-    if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
-        logger.info("CUDA is not available: analysing on the CPU")
-        cfg.MODEL.DEVICE = "cpu"
+    use_cpu_without_cuda(cfg)
     cfg.freeze()
     return cfg
 
