@@ -30,10 +30,11 @@ import shutil
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_sem_seg
 from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 from panopticapi.utils import id2rgb
+
+from .registration import datasets_root, register_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -710,15 +711,6 @@ _TASKS = {
 }
 
 
-def _register_once(name, loader, metadata):
-    """Registers a dataset unless the name is taken (so registering twice is harmless)."""
-    if name in DatasetCatalog.list():
-        logger.debug("Dataset %s is already registered; skipping it", name)
-        return
-    DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**metadata)
-
-
 def register_all_shapes(root, prefix="shapes"):
     """Registers ``{prefix}_{sem_seg,instance,panoptic}_{train,val}``, data under ``root/shapes``.
 
@@ -740,7 +732,10 @@ def register_all_shapes(root, prefix="shapes"):
         for task, (load, evaluator_type) in _TASKS.items():
             name = f"{prefix}_{task}_{split}"
             loader = functools.partial(load, shapes_root, split, name)
-            _register_once(name, loader, dict(metadata, evaluator_type=evaluator_type))
+            # Nothing to check beforehand: the loader generates what is missing.
+            register_dataset(
+                name, loader, dict(metadata, evaluator_type=evaluator_type), required={}
+            )
 
 
-register_all_shapes(os.getenv("DETECTRON2_DATASETS", "datasets"))
+register_all_shapes(datasets_root())
