@@ -173,22 +173,17 @@ class WindowAttention(nn.Module):
         num_windows, n, c = windows.shape
         qkv = self.qkv(windows).view(num_windows, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B * nW, h, N, C / h]
-        logits_bias = self.relative_position_bias()
+        # Explicit logits in the published order of operations (scale q, product, + bias, + mask),
+        # so that outputs round as the published backbone's do.
+        logits = (q * self.scale) @ k.transpose(-2, -1) + self.relative_position_bias()
         if mask is not None:
             # Image-major windows: view the batch as [B, nW] so the mask broadcasts over images.
             per_image = mask.shape[0]
-            q, k, v = (t.unflatten(0, (-1, per_image)) for t in (q, k, v))
-            logits_bias = logits_bias + mask[:, None]  # [nW, h, N, N]
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=logits_bias.to(q.dtype),
-            dropout_p=self.attn_drop_prob if self.training else 0.0,
-            scale=self.scale,
-        )
-        out = out.reshape(num_windows, self.num_heads, n, -1).transpose(1, 2)
-        return self.proj_drop(self.proj(out.reshape(num_windows, n, c)))
+            logits = logits.view(-1, per_image, self.num_heads, n, n) + mask[:, None]
+            logits = logits.view(num_windows, self.num_heads, n, n)
+        attn = F.dropout(logits.softmax(dim=-1), self.attn_drop_prob, self.training)
+        out = (attn @ v).transpose(1, 2).reshape(num_windows, n, c)
+        return self.proj_drop(self.proj(out))
 
 
 class SwinBlock(nn.Module):
