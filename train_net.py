@@ -30,6 +30,7 @@ from mask_former.engine import (
     build_step_trainer,
     create_ddp_model,
     launch,
+    tune_malloc,
     use_cpu_without_cuda,
 )
 from mask_former.evaluation import build_evaluator
@@ -133,6 +134,7 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    tune_malloc()
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(

@@ -29,7 +29,7 @@ from predictor import VisualizationDemo, read_image_rgb
 from tqdm import tqdm
 
 from mask_former import add_mask_former_config
-from mask_former.engine import use_cpu_without_cuda
+from mask_former.engine import tune_malloc, use_cpu_without_cuda
 
 logger = logging.getLogger("mask_former.demo")
 
@@ -305,6 +305,7 @@ def main(argv=None):
     parser, args = parse_args(argv)
     setup_logger(name="mask_former")
     setup_logger()
+    tune_malloc()
     if args.output is None and not display_available():
         parser.error(
             "--output is required here: no display is available to show the results "

@@ -24,6 +24,7 @@ from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 from mask_former import add_mask_former_config
+from mask_former.engine import tune_malloc
 
 logger = logging.getLogger("mask_former.benchmark")
 
@@ -127,6 +128,7 @@ def peak_memory_mb(device):
 def main():
     args = parse_args()
     setup_logger(name="mask_former")
+    tune_malloc()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = setup_cfg(args)

@@ -38,6 +38,7 @@ from mask_former.data.datasets.shapes import (
     num_images_from_env,
     prepare_shapes_dataset,
 )
+from mask_former.engine import tune_malloc
 
 logger = logging.getLogger("mask_former.run_demo")
 
@@ -226,6 +227,7 @@ def visualize(cfg, predictor, output_dir, num_images):
 def main(argv=None):
     args = parse_args(argv)
     setup_logger(name="mask_former")
+    tune_malloc()
     start = time.perf_counter()
     prepare_data(args)
     output = os.path.abspath(args.output)

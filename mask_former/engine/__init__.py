@@ -1,8 +1,9 @@
-"""Training helpers used by ``train_net.py`` (optimizer, CPU-capable launch, trainer steps) and the
-batched predictor."""
+"""Training helpers used by ``train_net.py`` (optimizer, CPU-capable launch, trainer steps,
+allocator tuning) and the batched predictor."""
 
 from .defaults import amp_enabled, build_step_trainer, create_ddp_model, use_cpu_without_cuda
 from .launch import launch
+from .malloc import tune_malloc
 from .optimizer import build_optimizer, get_param_groups
 from .predictor import BatchPredictor
 
@@ -14,5 +15,6 @@ __all__ = [
     "create_ddp_model",
     "get_param_groups",
     "launch",
+    "tune_malloc",
     "use_cpu_without_cuda",
 ]
