@@ -6,6 +6,7 @@ import torch
 from conftest import load_golden
 
 from detectron2.structures import BitMasks, Instances
+from mask_former.modeling import postprocessing
 from mask_former.modeling.postprocessing import (
     instance_inference,
     masks_to_boxes,
@@ -86,6 +87,21 @@ def test_semantic_matches_einsum_on_odd_and_strided_inputs():
     torch.testing.assert_close(
         semantic_inference(mask_cls, transposed), expected, atol=1e-5, rtol=0
     )
+
+
+def test_semantic_blocks_equal_one_product():
+    # More pixels than one CPU block, with a partial last block: every block's values must be the
+    # ones a single matrix product gives (same dot products over the queries).
+    torch.manual_seed(0)
+    mask_cls = torch.randn(30, 12)
+    mask_pred = torch.randn(30, 61, 97) * 4
+    assert 61 * 97 > 2 * postprocessing._SEMANTIC_BLOCK and 61 * 97 % postprocessing._SEMANTIC_BLOCK
+    class_probs = mask_cls.softmax(-1)[:, :-1]
+    one_product = (class_probs.t() @ mask_pred.flatten(1).sigmoid()).view(-1, 61, 97)
+    out = semantic_inference(mask_cls, mask_pred)
+    torch.testing.assert_close(out, one_product, atol=1e-6, rtol=0)
+    expected = torch.einsum("qc,qhw->chw", class_probs, mask_pred.sigmoid())
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 def test_semantic_hand_computed():

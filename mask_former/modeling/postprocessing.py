@@ -37,6 +37,9 @@ __all__ = [
 MASK_PROB_THRESHOLD = 0.5
 # Keeps the mean mask probability finite for empty masks (published behaviour).
 MASK_SCORE_EPS = 1e-6
+# Pixels per block of CPU semantic inference: 100 queries x 2048 pixels of float32 (0.8 MB) stay in
+# L2 cache; measured fastest among 2048 / 8192 / 32768 for 100 queries at 512x512.
+_SEMANTIC_BLOCK = 2048
 
 
 def upsample_mask_logits(pred_masks: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -56,9 +59,11 @@ def upsample_mask_logits(pred_masks: torch.Tensor, size: Tuple[int, int]) -> tor
 def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
     """Combines query class probabilities and mask probabilities into per-class scores.
 
-    Computes ``einsum("qc,qhw->chw", softmax(mask_cls)[:, :-1], sigmoid(mask_pred))`` as a single
-    matrix product on a flattened view of the mask probabilities, so no [Q, K, H, W] intermediate
-    and no copy of the masks beyond the sigmoid are made.
+    Computes ``einsum("qc,qhw->chw", softmax(mask_cls)[:, :-1], sigmoid(mask_pred))`` as a matrix
+    product on a flattened view of the masks, so no [Q, K, H, W] intermediate is made. On CPU the
+    pixels are processed in blocks of ``_SEMANTIC_BLOCK`` (sigmoid, then a product written
+    straight into the output), which keeps the mask probabilities in cache and never materialises
+    all of them; every output value is the same dot product over the queries as in one product.
 
     Args:
         mask_cls (Tensor): [Q, K + 1] class logits.
@@ -68,9 +73,17 @@ def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch
         Tensor: [K, H, W] semantic scores (not normalised over classes).
     """
     num_queries, height, width = mask_pred.shape
-    mask_probs = mask_pred.sigmoid().reshape(num_queries, height * width)
-    class_probs = F.softmax(mask_cls, dim=-1)[:, :-1].to(mask_probs.dtype)
-    return torch.mm(class_probs.t(), mask_probs).view(-1, height, width)
+    mask_logits = mask_pred.reshape(num_queries, height * width)
+    class_probs_t = F.softmax(mask_cls, dim=-1)[:, :-1].to(mask_logits.dtype).t()
+    if mask_logits.device.type != "cpu" or torch.jit.is_tracing():
+        # One product on GPUs (blocks would only add launches) and when traced (fvcore counts it).
+        return torch.mm(class_probs_t, mask_logits.sigmoid()).view(-1, height, width)
+    class_probs_t = class_probs_t.contiguous()
+    out = mask_logits.new_empty((class_probs_t.shape[0], height * width))
+    for start in range(0, height * width, _SEMANTIC_BLOCK):
+        end = min(start + _SEMANTIC_BLOCK, height * width)
+        torch.mm(class_probs_t, mask_logits[:, start:end].sigmoid(), out=out[:, start:end])
+    return out.view(-1, height, width)
 
 
 def panoptic_inference(
