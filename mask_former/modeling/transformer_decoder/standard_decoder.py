@@ -95,6 +95,10 @@ class StandardTransformerDecoder(nn.Module):
         else:
             self.input_proj = nn.Sequential()
         self.aux_loss = deep_supervision
+        # The intermediate predictions only feed the deep-supervision losses, so eval mode skips
+        # them (the published decoder computes and returns them in eval mode too; set this to
+        # True for that).
+        self.aux_outputs_in_eval = False
         if mask_classification:
             self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
@@ -128,19 +132,23 @@ class StandardTransformerDecoder(nn.Module):
 
         Returns:
             dict: ``pred_logits`` [B, Q, K+1] (with mask classification), ``pred_masks``
-            [B, Q, H, W] mask logits and, with deep supervision, ``aux_outputs``: a list of such
-            dicts for every decoder layer but the last.
+            [B, Q, H, W] mask logits and, with deep supervision in training mode (or with
+            ``aux_outputs_in_eval``), ``aux_outputs``: a list of such dicts for every decoder
+            layer but the last.
         """
         pos = self.pe_layer(x)
         hs, _ = self.transformer(self.input_proj(x), None, self.query_embed.weight, pos)
         # hs: [L, B, Q, C] (L = decoder layers with deep supervision, else 1)
+        with_aux = self.aux_loss and (self.training or self.aux_outputs_in_eval)
+        if not with_aux:
+            hs = hs[-1:]
         outputs_class = self.class_embed(hs) if self.mask_classification else None
         mask_embed = self.mask_embed(hs)
         outputs_mask = torch.einsum("lbqc,bchw->lbqhw", mask_embed, mask_features)
         out = {"pred_masks": outputs_mask[-1]}
         if outputs_class is not None:
             out["pred_logits"] = outputs_class[-1]
-        if self.aux_loss:
+        if with_aux:
             out["aux_outputs"] = self._aux_outputs(outputs_class, outputs_mask)
         return out
 
