@@ -338,28 +338,3 @@ def test_build_criterion_families():
         build_criterion(cfg, 7, "DETR")
     with pytest.raises(ValueError, match="unknown losses"):
         SetCriterion(7, mf.matcher, {}, 0.1, ["labels", "boxes"])
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_fused_focal_dice_gradient_equals_autograd(seed):
-    from mask_former.modeling.criterion import (
-        dice_loss,
-        sigmoid_focal_and_dice_loss,
-        sigmoid_focal_loss,
-    )
-
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(3, 50, generator=g, dtype=torch.float64) * 3).requires_grad_()
-    targets = (torch.rand(3, 50, generator=g, dtype=torch.float64) > 0.5).double()
-    weights = torch.rand(2, generator=g, dtype=torch.float64)
-
-    focal, dice = sigmoid_focal_and_dice_loss(logits, targets, 2.5)
-    (grad_fused,) = torch.autograd.grad(weights[0] * focal + weights[1] * dice, logits)
-    ref_focal = sigmoid_focal_loss(logits, targets, 2.5)
-    ref_dice = dice_loss(logits, targets, 2.5)
-    (grad_ref,) = torch.autograd.grad(weights[0] * ref_focal + weights[1] * ref_dice, logits)
-    assert focal.item() == ref_focal.item() and dice.item() == ref_dice.item()
-    torch.testing.assert_close(grad_fused, grad_ref, atol=1e-12, rtol=1e-10)
-    torch.autograd.gradcheck(
-        lambda x: sigmoid_focal_and_dice_loss(x, targets, 2.5), (logits.detach().requires_grad_(),)
-    )

@@ -28,6 +28,7 @@ from detectron2.projects.point_rend.point_features import (
 from detectron2.utils import comm
 from torch import Tensor, nn
 
+from .mask_loss import upsampled_focal_and_dice_loss
 from .matcher import DICE_SMOOTH, FOCAL_ALPHA, FOCAL_GAMMA, HungarianMatcher, check_target_labels
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "dice_loss",
     "sigmoid_ce_loss",
     "sigmoid_focal_loss",
-    "sigmoid_focal_and_dice_loss",
     "FAMILY_MASKFORMER",
     "FAMILY_MASK2FORMER",
 ]
@@ -108,69 +108,6 @@ def sigmoid_focal_loss(
     alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
     loss = alpha_t * ce * (1 - p_t) ** gamma
     return loss.mean(1).sum() / num_masks
-
-
-class _FocalDiceLoss(torch.autograd.Function):
-    """
-    :func:`sigmoid_focal_loss` and :func:`dice_loss` of the same inputs in one pass, saving only
-    the logits and the targets for backward (autograd would keep about ten [M, D] intermediates;
-    with D = 512x512 target pixels and one call per decoder level this dominated training memory).
-    The forward evaluates the same expressions as the two functions, so the values are identical;
-    the backward is the analytic gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, inputs, targets, num_masks, alpha, gamma):
-        ctx.save_for_backward(inputs, targets)
-        ctx.num_masks, ctx.alpha, ctx.gamma = num_masks, alpha, gamma
-        return (
-            sigmoid_focal_loss(inputs, targets, num_masks, alpha, gamma),
-            dice_loss(inputs, targets, num_masks),
-        )
-
-    @staticmethod
-    def backward(ctx, grad_focal, grad_dice):
-        inputs, targets = ctx.saved_tensors
-        alpha, gamma, num_masks = ctx.alpha, ctx.gamma, ctx.num_masks
-        probs = inputs.sigmoid()
-        # d(probs)/d(inputs) = p (1 - p)
-        dprobs = probs * (1 - probs)
-
-        # focal = alpha_t * ce * (1 - p_t)^gamma, with d(ce)/dx = p - t and
-        # d(p_t)/dx = p (1 - p) (2t - 1).
-        ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-        one_minus_pt = 1 - (probs * targets + (1 - probs) * (1 - targets))
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        grad = (probs - targets) * one_minus_pt.pow(gamma)
-        grad -= ce * gamma * one_minus_pt.pow(gamma - 1) * dprobs * (2 * targets - 1)
-        grad *= alpha_t * (grad_focal / (inputs.shape[1] * num_masks))
-        del ce, one_minus_pt, alpha_t
-
-        # dice_m = 1 - (2 I + s) / (P + T + s) with I = sum(p t), P = sum(p), T = sum(t).
-        intersection = (probs * targets).sum(-1, keepdim=True)
-        union = probs.sum(-1, keepdim=True) + targets.sum(-1, keepdim=True) + DICE_SMOOTH
-        ddice = (2 * intersection + DICE_SMOOTH - 2 * targets * union) / union.square()
-        grad += ddice * dprobs * (grad_dice / num_masks)
-        return grad, None, None, None, None
-
-
-def sigmoid_focal_and_dice_loss(
-    inputs: Tensor,
-    targets: Tensor,
-    num_masks: float,
-    alpha: float = FOCAL_ALPHA,
-    gamma: float = FOCAL_GAMMA,
-) -> Tuple[Tensor, Tensor]:
-    """
-    ``(sigmoid_focal_loss(...), dice_loss(...))`` of the same [M, D] logits and targets, with
-    memory-light gradients (see :class:`_FocalDiceLoss`).
-    """
-    if not (inputs.requires_grad and torch.is_grad_enabled()):
-        return (
-            sigmoid_focal_loss(inputs, targets, num_masks, alpha, gamma),
-            dice_loss(inputs, targets, num_masks),
-        )
-    return _FocalDiceLoss.apply(inputs, targets, num_masks, alpha, gamma)
 
 
 def calculate_uncertainty(logits: Tensor) -> Tensor:
@@ -353,11 +290,9 @@ class SetCriterion(nn.Module):
                 "loss_mask": sigmoid_ce_loss(src_values, target_values, num_masks),
                 "loss_dice": dice_loss(src_values, target_values, num_masks),
             }
-        src_values = F.interpolate(
-            src_masks[:, None], size=target_masks.shape[-2:], mode="bilinear", align_corners=False
-        ).flatten(1)
-        loss_mask, loss_dice = sigmoid_focal_and_dice_loss(
-            src_values, target_masks.flatten(1), num_masks
+        # = sigmoid_focal_loss and dice_loss of the logits upsampled to the target size, fused.
+        loss_mask, loss_dice = upsampled_focal_and_dice_loss(
+            src_masks, target_masks, num_masks, FOCAL_ALPHA, FOCAL_GAMMA
         )
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}
 
