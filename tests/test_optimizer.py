@@ -193,3 +193,42 @@ def test_optimizer_kinds():
     cfg.SOLVER.OPTIMIZER = "LAMB"
     with pytest.raises(ValueError, match="LAMB"):
         build_optimizer(cfg, _Toy())
+
+
+def test_adamw_is_fused_where_available_and_steps_like_the_reference():
+    from detectron2.utils.env import TORCH_VERSION
+
+    from mask_former.engine.optimizer import fused_adamw_available
+
+    assert fused_adamw_available("cpu") == (TORCH_VERSION >= (2, 4))
+    assert not fused_adamw_available("meta")
+    cfg = _cfg(OPTIMIZER="ADAMW", WEIGHT_DECAY=0.05, CLIP_GRADIENTS__ENABLED=True)
+    set_flat(cfg, {"SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "full_model"})
+    set_flat(cfg, {"SOLVER.CLIP_GRADIENTS.CLIP_VALUE": 0.01, "MODEL.DEVICE": "cpu"})
+    torch.manual_seed(0)
+    ours, reference = _Toy(), _Toy()
+    reference.load_state_dict(ours.state_dict())
+    optimizer = build_optimizer(cfg, ours)
+    assert all(bool(g["fused"]) == fused_adamw_available("cpu") for g in optimizer.param_groups)
+    # The same groups (learning rates, weight decays) over the reference's parameters.
+    ref_params = dict(zip([id(p) for p in ours.parameters()], reference.parameters()))
+    ref_groups = [
+        {
+            "params": [ref_params[id(p)] for p in g["params"]],
+            "lr": g["lr"],
+            "weight_decay": g["weight_decay"],
+        }
+        for g in optimizer.param_groups
+    ]
+    ref_optimizer = torch.optim.AdamW(ref_groups, lr=BASE_LR, foreach=False)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for _ in range(3):
+        for param in params:
+            param.grad = torch.randn_like(param)
+            ref_params[id(param)].grad = param.grad.clone()
+        optimizer.step()
+        torch.nn.utils.clip_grad_norm_([ref_params[id(p)] for p in params], 0.01)
+        ref_optimizer.step()
+    for param in params:
+        ref = ref_params[id(param)]
+        torch.testing.assert_close(param, ref, atol=1e-6, rtol=1e-5)

@@ -2,8 +2,9 @@
 """
 Benchmarks a MaskFormer / Mask2Former config on random weights and random images: parameters,
 FLOPs (fvcore), forward latency including post-processing (median and min after warm-up), the
-time of one training step (forward, backward, optimizer step), and peak memory (process RSS on
-CPU; allocated memory on CUDA).
+time of one training step (forward, backward, and a step of the config's optimizer as
+train_net.py builds it), and peak memory (process RSS on CPU; allocated memory on CUDA). Like
+train_net.py it tunes glibc's allocator first (``MASK_FORMER_MALLOC_TUNING=0`` to compare without).
 
     python tools/benchmark_model.py --config-file configs/ade20k-150/maskformer_R50_bs16_160k.yaml \
         --size 512x512 --batch 1 --device cpu --threads 2
@@ -24,7 +25,7 @@ from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 from mask_former import add_mask_former_config
-from mask_former.engine import tune_malloc
+from mask_former.engine import build_optimizer, tune_malloc
 
 logger = logging.getLogger("mask_former.benchmark")
 
@@ -159,7 +160,7 @@ def main():
     print(f"peak memory after inference: {peak_memory_mb(args.device):.0f} MB")
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = build_optimizer(cfg, model)  # as train_net.py: param groups, clipping, fused
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and args.device.startswith("cuda"))
 
     def train_step():
