@@ -29,6 +29,7 @@ from detectron2.modeling import build_model
 from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
 from detectron2.solver import LRMultiplier
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 from panopticapi.utils import rgb2id
 from PIL import Image
 from pycocotools import mask as mask_util
@@ -37,6 +38,7 @@ from torch import nn
 from mask_former import add_mask_former_config
 from mask_former.data.datasets import shapes
 from mask_former.engine import amp_enabled, build_step_trainer
+from mask_former.engine.defaults import LeanSimpleTrainer
 from mask_former.engine.optimizer import NORM_MODULE_TYPES
 from mask_former.evaluation import EVALUATORS, InstanceSegEvaluator, build_evaluator
 from mask_former.test_time_augmentation import SemanticSegmentorWithTTA
@@ -218,11 +220,49 @@ def test_amp_is_skipped_on_cpu(caplog):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     with caplog.at_level(logging.WARNING, logger="mask_former.engine.defaults"):
         step_trainer = build_step_trainer(cfg, model, [], optimizer)
-    assert type(step_trainer) is SimpleTrainer
+    assert type(step_trainer) is LeanSimpleTrainer and isinstance(step_trainer, SimpleTrainer)
     assert any("AMP skipped" in r.getMessage() for r in caplog.records)
     cfg.SOLVER.AMP.ENABLED = False
     caplog.clear()
     assert not amp_enabled(cfg) and not caplog.records
+
+
+def test_step_trainer_frees_gradients_after_the_step():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    reference = nn.Linear(3, 1)
+    reference.load_state_dict(model.state_dict())
+    batches = [torch.randn(4, 3) for _ in range(2)]
+
+    class LossModel(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return {"loss": self.inner(x).square().mean()}
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step_trainer = build_step_trainer(tiny_cfg(), LossModel(model), iter(batches), optimizer)
+    seen = []
+    step_trainer.model.register_forward_pre_hook(
+        lambda *_: seen.append([p.grad for p in model.parameters()])
+    )
+    with EventStorage(0) as storage:
+        step_trainer.storage = storage
+        for _ in batches:
+            step_trainer.run_step()
+    # No gradient is alive during the second forward pass, and none is left afterwards ...
+    assert seen[1] == [None, None]
+    assert all(p.grad is None for p in model.parameters())
+    # ... while the updates are those of plain SGD.
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for x in batches:
+        ref_optimizer.zero_grad()
+        reference(x).square().mean().backward()
+        ref_optimizer.step()
+    for param, ref in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(param, ref)
 
 
 @pytest.mark.parametrize("cuda_available,expected", [(False, "cpu"), (True, "cuda:1")])

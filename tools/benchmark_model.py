@@ -166,10 +166,11 @@ def main():
     def train_step():
         with autocast:
             losses = model(inputs)
-        optimizer.zero_grad(set_to_none=True)
         scaler.scale(sum(losses.values())).backward()
         scaler.step(optimizer)
         scaler.update()
+        # As train_net.py's step trainer: no stale gradients during the next forward pass.
+        optimizer.zero_grad(set_to_none=True)
 
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

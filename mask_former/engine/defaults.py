@@ -8,6 +8,8 @@
   for a CPU module (v0.6 and main alike).
 - ``AMPTrainer`` asserts CUDA in v0.6; published Mask2Former configs enable ``SOLVER.AMP``, so on
   CPU those configs train in fp32 instead (logged).
+
+The step trainers also free the gradients after each optimizer step (see ``LeanSimpleTrainer``).
 """
 
 import logging
@@ -17,7 +19,14 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.utils import comm
 
-__all__ = ["amp_enabled", "build_step_trainer", "create_ddp_model", "use_cpu_without_cuda"]
+__all__ = [
+    "LeanAMPTrainer",
+    "LeanSimpleTrainer",
+    "amp_enabled",
+    "build_step_trainer",
+    "create_ddp_model",
+    "use_cpu_without_cuda",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +79,30 @@ def amp_enabled(cfg):
     return False
 
 
+class _ReleaseGradientsAfterStep:
+    """
+    Drops the gradients (``zero_grad(set_to_none=True)``) right after each iteration's optimizer
+    step. detectron2's trainers zero them only between the next forward pass and backward, so one
+    copy of the gradients (4 bytes per parameter: 165 MB for MaskFormer R50) sits unused in memory
+    during every forward pass, when activation memory peaks. Nothing reads gradients after the
+    step; detectron2 main's ``zero_grad_before_forward=True`` has the same effect.
+    """
+
+    def run_step(self):
+        super().run_step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class LeanSimpleTrainer(_ReleaseGradientsAfterStep, SimpleTrainer):
+    """detectron2's ``SimpleTrainer`` that frees the gradients after the optimizer step."""
+
+
+class LeanAMPTrainer(_ReleaseGradientsAfterStep, AMPTrainer):
+    """detectron2's ``AMPTrainer`` that frees the gradients after the optimizer step."""
+
+
 def build_step_trainer(cfg, model, data_loader, optimizer):
     """The object running one iteration: detectron2's ``AMPTrainer`` when :func:`amp_enabled`,
-    otherwise ``SimpleTrainer``."""
-    trainer_type = AMPTrainer if amp_enabled(cfg) else SimpleTrainer
+    otherwise ``SimpleTrainer``, both freeing the gradients after each optimizer step."""
+    trainer_type = LeanAMPTrainer if amp_enabled(cfg) else LeanSimpleTrainer
     return trainer_type(model, data_loader, optimizer)
