@@ -232,3 +232,14 @@ def test_adamw_is_fused_where_available_and_steps_like_the_reference():
     for param in params:
         ref = ref_params[id(param)]
         torch.testing.assert_close(param, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_adamw_is_not_fused_under_cuda_amp():
+    # GradScaler would hand a fused optimizer still-scaled gradients, and clipping runs first.
+    cfg = _cfg(OPTIMIZER="ADAMW", AMP__ENABLED=True)
+    set_flat(cfg, {"MODEL.DEVICE": "cuda"})
+    optimizer = build_optimizer(cfg, _Toy())
+    assert not any(g["fused"] for g in optimizer.param_groups)
+    cfg.SOLVER.AMP.ENABLED = False
+    optimizer = build_optimizer(cfg, _Toy())
+    assert all(g["fused"] for g in optimizer.param_groups)

@@ -137,15 +137,24 @@ def fused_adamw_available(device) -> bool:
     return device_type == "cpu" and TORCH_VERSION >= (2, 4)
 
 
+def _use_fused_adamw(cfg) -> bool:
+    """
+    Fused AdamW where available, except under CUDA AMP: ``GradScaler.step`` leaves the gradients
+    of a fused optimizer scaled (the kernel unscales them), so the gradient clipping that runs at
+    the start of ``step`` would see scaled gradients. A non-fused optimizer gets them unscaled.
+    """
+    device_type = torch.device(cfg.MODEL.DEVICE).type
+    if cfg.SOLVER.AMP.ENABLED and device_type == "cuda":
+        return False
+    return fused_adamw_available(cfg.MODEL.DEVICE)
+
+
 def _optimizer_type(cfg):
     """The optimizer class (with gradient clipping, if configured) and its extra arguments."""
     solver = cfg.SOLVER
     optimizers = {
         "SGD": (torch.optim.SGD, {"momentum": solver.MOMENTUM}),
-        "ADAMW": (
-            torch.optim.AdamW,
-            {"fused": True} if fused_adamw_available(cfg.MODEL.DEVICE) else {},
-        ),
+        "ADAMW": (torch.optim.AdamW, {"fused": True} if _use_fused_adamw(cfg) else {}),
     }
     if solver.OPTIMIZER not in optimizers:
         raise ValueError(
@@ -166,7 +175,7 @@ def _optimizer_type(cfg):
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """
     The optimizer of ``SOLVER.OPTIMIZER`` ("ADAMW", fused where :func:`fused_adamw_available`
-    for ``MODEL.DEVICE``, or "SGD" with ``SOLVER.MOMENTUM``) over
+    for ``MODEL.DEVICE`` unless CUDA AMP is on, or "SGD" with ``SOLVER.MOMENTUM``) over
     :func:`get_param_groups`, with full-model gradient-norm clipping when
     ``SOLVER.CLIP_GRADIENTS.ENABLED`` and ``CLIP_TYPE`` is "full_model", otherwise detectron2's
     per-parameter clipping (``maybe_add_gradient_clipping``).
