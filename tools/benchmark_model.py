@@ -54,6 +54,7 @@ def setup_cfg(args):
     cfg.merge_from_list(args.opts)
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = ""
+    cfg.SOLVER.AMP.ENABLED = args.amp  # --amp decides, also for the optimizer build_optimizer makes
     cfg.freeze()
     return cfg
 
