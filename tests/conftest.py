@@ -1,6 +1,8 @@
 """Shared test fixtures: the reference files in ../shared and a fixed seed for every test."""
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MASK_FORMER_SHARED", REPO.parent / "shared"))
 GOLDEN = SHARED / "golden"
+
+
+def load_script(relative_path, module_name, register=False):
+    """
+    Imports a script of the repository that is not in a package (``train_net.py``, ``tools/``,
+    ``datasets/``, ``demo/``) as module ``module_name``. With ``register`` it is also put in
+    ``sys.modules``, so that its functions pickle (for worker processes).
+    """
+    spec = importlib.util.spec_from_file_location(module_name, REPO / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_golden(name):

@@ -5,15 +5,13 @@ Every array is small enough to check by hand; the expected outputs sit in the te
 """
 
 import functools
-import importlib.util
 import json
 import os
 import pickle
-import sys
 
 import numpy as np
 import scipy.io
-from conftest import REPO, SHARED
+from conftest import SHARED, load_script
 from panopticapi.utils import id2rgb
 from PIL import Image
 
@@ -26,12 +24,7 @@ def load_prepare_script(name):
 
     The module is put in ``sys.modules``, so that its functions pickle (for worker processes).
     """
-    path = REPO / "datasets" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"datasets_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"datasets/{name}.py", f"datasets_{name}", register=True)
 
 
 def write_png(path, array, palette=None):

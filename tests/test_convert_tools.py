@@ -4,7 +4,6 @@ loading through DetectionCheckpointer into the models of our configs."""
 
 import argparse
 import functools
-import importlib.util
 import logging
 import pickle
 import re
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import REPO
+from conftest import REPO, load_script
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
@@ -32,10 +31,7 @@ RESNET_CONFIGS = {
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py", name)
 
 
 convert_torchvision = load_tool("convert_torchvision_to_d2")

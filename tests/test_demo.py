@@ -1,14 +1,13 @@
 """demo/demo.py on a tiny random model: images of every mode (grayscale, RGBA, 16-bit, EXIF
 rotation), unreadable inputs, output naming, a synthetic video, and the command-line errors."""
 
-import importlib.util
 import logging
 import sys
 
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO, tiny_cfg
+from conftest import REPO, load_script, tiny_cfg
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from PIL import Image
@@ -28,10 +27,7 @@ def demo():
     run from anywhere does)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(REPO / "demo"))
-        spec = importlib.util.spec_from_file_location("demo_script", REPO / "demo" / "demo.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return module
+        return load_script("demo/demo.py", "demo_script")
 
 
 @pytest.fixture(scope="module")

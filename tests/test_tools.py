@@ -1,13 +1,12 @@
 """tools/analyze_model.py (parameters, FLOPs, activations, structure of a tiny model) and
 tools/plot_metrics.py (curves from a detectron2 metrics.json), through their main()."""
 
-import importlib.util
 import json
 import math
 
 import numpy as np
 import pytest
-from conftest import REPO, tiny_cfg
+from conftest import load_script, tiny_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from fvcore.nn import FlopCountAnalysis
@@ -20,10 +19,7 @@ SIZE_DIVISIBILITY = 32  # MODEL.MASK_FORMER.SIZE_DIVISIBILITY of the MaskFormer 
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py", name)
 
 
 analyze_model = load_tool("analyze_model")

@@ -3,7 +3,6 @@ on the shapes datasets, CPU training + evaluation through ``main()``, resuming, 
 evaluator dispatch, PQ of the real COCO panoptic sample and semantic test-time augmentation."""
 
 import copy
-import importlib.util
 import json
 import logging
 import math
@@ -12,7 +11,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SHARED, TINY_OVERRIDES, set_flat, tiny_cfg
+from conftest import REPO, SHARED, TINY_OVERRIDES, load_script, set_flat, tiny_cfg
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
@@ -67,10 +66,7 @@ SAMPLE = SHARED / "data" / "coco_panoptic_sample"
 
 def load_train_net():
     """Imports ``train_net.py`` from the repository root."""
-    spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_net.py", "train_net")
 
 
 train_net = load_train_net()
