@@ -66,8 +66,8 @@ def add_mask_former_config(cfg):
     # pixel rule, sem_seg gating, resize before inference). "" (ours): derived from
     # TRANSFORMER_DECODER_NAME (masked-attention decoder: Mask2Former, otherwise MaskFormer).
     cfg.MODEL.MASK_FORMER.FAMILY = ""
-    # (ours) Channels-last memory layout for the convolutions: faster on CPU, same results up to
-    # float rounding. Off by default, which keeps PyTorch's default layout.
+    # (ours) Channels-last memory layout for the convolutions: same results up to float rounding;
+    # faster for MaskFormer on CPU, not for Mask2Former (README, Benchmarks). Off by default.
     cfg.MODEL.MASK_FORMER.CHANNELS_LAST = False
     # Loss on every decoder layer's prediction (aux losses suffixed _0 .. _{L-2}).
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True

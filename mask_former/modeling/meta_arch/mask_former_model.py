@@ -113,8 +113,8 @@ class MaskFormer(nn.Module):
             panoptic_mask_threshold_pixels (bool): Mask2Former's panoptic rule (a pixel joins a
                 segment only where that segment's probability is >= 0.5).
             channels_last (bool): keep convolution weights and the image batch in the
-                channels-last memory layout (faster convolutions on CPU; same results up to
-                float rounding).
+                channels-last memory layout (same results up to float rounding; faster for
+                MaskFormer on CPU).
         """
         super().__init__()
         self.backbone = backbone
