@@ -13,7 +13,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from mask_former.layers import MSDeformAttn, ms_deform_attn_core_pytorch
+from mask_former.layers import (
+    MSDeformAttn,
+    ms_deform_attn_core_gather,
+    ms_deform_attn_core_pytorch,
+)
 from mask_former.layers import ms_deform_attn as msda_module
 
 # Several levels, non-square ones and a 1x1 one.
@@ -65,36 +69,40 @@ def _naive_core(value, shapes, locations, weights):
 
 
 # --------------------------------------------------------------------------------------------
-# The pure-PyTorch core
+# The pure-PyTorch cores: grid_sample ("pytorch") and embedding_bag ("gather")
+
+CORES = {"pytorch": ms_deform_attn_core_pytorch, "gather": ms_deform_attn_core_gather}
+each_core = pytest.mark.parametrize("core", list(CORES.values()), ids=list(CORES))
 
 
-def test_core_matches_naive_bilinear():
+@each_core
+def test_core_matches_naive_bilinear(core):
     value, shapes, locations, weights = _random_inputs(
         1, 3, 2, 3, [[3, 4], [2, 1]], 2, dtype=torch.float64, spread=0.3
     )
     expected = _naive_core(value, shapes.tolist(), locations, weights)
-    out = ms_deform_attn_core_pytorch(value, shapes, locations, weights)
+    out = core(value, shapes, locations, weights)
     assert out.shape == (1, 3, 6)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
-def test_core_at_pixel_centres_reads_pixels():
+@each_core
+def test_core_at_pixel_centres_reads_pixels(core):
     value = torch.arange(12.0).view(1, 12, 1, 1)  # one 3x4 level, value = flat index
     # (x, y) at the centres of pixels (col 2, row 1) and (col 0, row 2)
     locations = torch.tensor([[2.5 / 4, 1.5 / 3], [0.5 / 4, 2.5 / 3]]).view(1, 2, 1, 1, 1, 2)
     weights = torch.ones(1, 2, 1, 1, 1)
-    out = ms_deform_attn_core_pytorch(value, [[3, 4]], locations, weights)
+    out = core(value, [[3, 4]], locations, weights)
     torch.testing.assert_close(out.flatten(), torch.tensor([6.0, 8.0]))
 
 
-def test_core_gradcheck_double():
+@each_core
+def test_core_gradcheck_double(core):
     value, shapes, locations, weights = _random_inputs(
         2, 3, 2, 3, [[3, 4], [2, 1], [1, 1]], 2, dtype=torch.float64
     )
     inputs = [t.requires_grad_() for t in (value, locations, weights)]
-    assert torch.autograd.gradcheck(
-        lambda v, loc, a: ms_deform_attn_core_pytorch(v, shapes, loc, a), inputs
-    )
+    assert torch.autograd.gradcheck(lambda v, loc, a: core(v, shapes, loc, a), inputs)
 
 
 @pytest.mark.parametrize("chunk_queries", [None, 1, 3, 7, 1000])
@@ -106,7 +114,8 @@ def test_core_chunked_inference_equals_autograd_path(chunk_queries):
     assert torch.equal(chunked, reference.detach())  # bit-identical, not merely close
 
 
-def test_core_outside_locations_contribute_nothing():
+@each_core
+def test_core_outside_locations_contribute_nothing(core):
     value, shapes, locations, weights = _random_inputs(2, 6, 2, 4, SHAPES, 3)
     # Fully outside: more than half a pixel beyond any edge of every level (x or y).
     outside = torch.rand(locations.shape[:-1]) < 0.5
@@ -115,37 +124,87 @@ def test_core_outside_locations_contribute_nothing():
     moved = locations.clone()
     moved[..., 0] = torch.where(outside & (axis == 0), far, locations[..., 0])
     moved[..., 1] = torch.where(outside & (axis == 1), far, locations[..., 1])
-    out = ms_deform_attn_core_pytorch(value, shapes, moved, weights)
-    expected = ms_deform_attn_core_pytorch(value, shapes, moved, weights * ~outside)
+    out = core(value, shapes, moved, weights)
+    expected = core(value, shapes, moved, weights * ~outside)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     all_out = torch.full_like(locations, 1.6)
-    assert torch.equal(
-        ms_deform_attn_core_pytorch(value, shapes, all_out, weights), torch.zeros(2, 6, 8)
-    )
+    assert torch.equal(core(value, shapes, all_out, weights), torch.zeros(2, 6, 8))
 
 
-def test_core_spatial_shapes_as_list_or_tensor():
+@each_core
+def test_core_spatial_shapes_as_list_or_tensor(core):
     value, shapes, locations, weights = _random_inputs(1, 4, 2, 4, SHAPES, 2)
     assert torch.equal(
-        ms_deform_attn_core_pytorch(value, shapes, locations, weights),
-        ms_deform_attn_core_pytorch(value, shapes.tolist(), locations, weights),
+        core(value, shapes, locations, weights),
+        core(value, shapes.tolist(), locations, weights),
     )
 
 
-def test_core_bad_shapes_raise():
+@each_core
+def test_core_bad_shapes_raise(core):
     value, shapes, locations, weights = _random_inputs(1, 4, 2, 4, SHAPES, 2)
     with pytest.raises(ValueError, match="cover"):
-        ms_deform_attn_core_pytorch(value[:, :-1], shapes, locations, weights)
+        core(value[:, :-1], shapes, locations, weights)
     with pytest.raises(ValueError, match="value must be"):
-        ms_deform_attn_core_pytorch(value.flatten(2), shapes, locations, weights)
+        core(value.flatten(2), shapes, locations, weights)
     with pytest.raises(ValueError, match="sampling_locations"):
-        ms_deform_attn_core_pytorch(value, shapes, locations[:, :, :1], weights)
+        core(value, shapes, locations[:, :, :1], weights)
     with pytest.raises(ValueError, match="last dim 3"):
-        ms_deform_attn_core_pytorch(value, shapes, torch.cat([locations] * 2, -1)[..., :3], weights)
+        core(value, shapes, torch.cat([locations] * 2, -1)[..., :3], weights)
     with pytest.raises(ValueError, match="attention_weights"):
-        ms_deform_attn_core_pytorch(value, shapes, locations, weights[..., :1])
-    with torch.no_grad(), pytest.raises(ValueError, match="chunk_queries"):
-        ms_deform_attn_core_pytorch(value, shapes, locations, weights, chunk_queries=0)
+        core(value, shapes, locations, weights[..., :1])
+    if core is ms_deform_attn_core_pytorch:
+        with torch.no_grad(), pytest.raises(ValueError, match="chunk_queries"):
+            core(value, shapes, locations, weights, chunk_queries=0)
+
+
+def test_gather_core_agrees_with_grid_sample_core_in_float32():
+    """Values and all three gradients, at a realistic size with points inside and outside."""
+    torch.manual_seed(0)
+    shapes = [[16, 16], [8, 8], [4, 4]]
+    value, shapes, locations, weights = _random_inputs(2, 300, 8, 32, shapes, 4, spread=0.1)
+    results = {}
+    for name, core in CORES.items():
+        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        out = core(inputs[0], shapes, inputs[1], inputs[2])
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        results[name] = [out.detach()] + [t.grad for t in inputs]
+    for gather, reference in zip(results["gather"], results["pytorch"]):
+        scale = reference.abs().max()
+        torch.testing.assert_close(gather, reference, rtol=0, atol=2e-6 * scale)
+
+
+def test_gather_core_inference_equals_autograd_path():
+    value, shapes, locations, weights = _random_inputs(2, 23, 4, 8, SHAPES, 4)
+    with torch.no_grad():
+        plain = ms_deform_attn_core_gather(value, shapes, locations, weights)
+    tracked = ms_deform_attn_core_gather(value.requires_grad_(), shapes, locations, weights)
+    assert torch.equal(plain, tracked.detach())
+
+
+def test_gather_core_integer_row_indices_for_large_tables(monkeypatch):
+    """Past 2**24 table rows the row indices are not exact in float32 and are summed as int64:
+    the same result (forced here by lowering the limit)."""
+    value, shapes, locations, weights = _random_inputs(2, 9, 3, 4, SHAPES, 3)
+    float_rows = ms_deform_attn_core_gather(value, shapes, locations, weights)
+    monkeypatch.setattr(msda_module, "_FLOAT_EXACT_ROWS", 1)
+    int_rows = ms_deform_attn_core_gather(value, shapes, locations, weights)
+    assert torch.equal(float_rows, int_rows)
+
+
+def test_gather_core_non_finite_locations_read_zeros():
+    """A NaN or infinite location reads the zero frame (it never indexes outside the table)."""
+    value, shapes, locations, weights = _random_inputs(1, 4, 2, 4, SHAPES, 2)
+    bad = locations.clone()
+    bad[0, 0, 0, :, :, 0] = float("nan")
+    bad[0, 1, 1, :, :, 1] = float("inf")
+    bad[0, 2, 0, :, :, 0] = -float("inf")
+    out = ms_deform_attn_core_gather(value, shapes, bad, weights).view(1, 4, 2, 4)
+    assert torch.isfinite(out).all()
+    for q, head in ((0, 0), (1, 1), (2, 0)):
+        assert torch.equal(out[0, q, head], torch.zeros(4))
+    expected = ms_deform_attn_core_gather(value, shapes, locations, weights).view(1, 4, 2, 4)
+    torch.testing.assert_close(out[0, 3], expected[0, 3])
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +372,7 @@ def test_module_logs_choice_once_and_warns(caplog, monkeypatch):
         MSDeformAttn(d_model=24, n_heads=2)
     choices = [r.getMessage() for r in caplog.records if "implementation" in r.getMessage()]
     assert choices == [
-        "MSDeformAttn uses the pytorch implementation: tensors on cpu, the Triton "
+        "MSDeformAttn uses the gather implementation: tensors on cpu, the Triton "
         "kernel needs CUDA"
     ]
     assert any("not a power of 2" in r.getMessage() for r in caplog.records)

@@ -72,7 +72,8 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
             dropout (float): dropout after attention, inside and after the feed-forward network.
             activation (str): of the feed-forward network ("relu", "gelu" or "glu").
             n_levels, n_heads, n_points (int): of :class:`MSDeformAttn`.
-            impl (str): :class:`MSDeformAttn`'s implementation ("auto", "pytorch", "triton").
+            impl (str): :class:`MSDeformAttn`'s implementation ("auto", "pytorch", "gather",
+                "triton").
         """
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=impl)
@@ -322,8 +323,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
             transformer_in_features (list[str]): the features the encoder reads.
             common_stride (int): stride of ``mask_features``; FPN levels are added down to it.
             transformer_n_points (int): sampling points per head and level.
-            deform_attn_impl (str): :class:`MSDeformAttn`'s implementation ("auto", "pytorch" or
-                "triton"); "auto" picks Triton on CUDA when it imports.
+            deform_attn_impl (str): :class:`MSDeformAttn`'s implementation ("auto", "pytorch",
+                "gather" or "triton"); "auto" picks Triton on CUDA when it imports and the gather
+                core on CPU.
 
         Raises:
             ValueError: if a ``transformer_in_features`` entry is not in ``input_shape``, or
