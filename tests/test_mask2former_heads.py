@@ -11,6 +11,7 @@ from test_maskformer_heads import build_golden_head, cfg_with
 from mask_former.modeling.pixel_decoder.msdeformattn import (
     ENCODER_FEEDFORWARD_DIM,
     ENCODER_NUM_POINTS,
+    _upsample_bilinear,
     encoder_reference_points,
 )
 from mask_former.modeling.transformer_decoder import PositionEmbeddingSine
@@ -195,6 +196,34 @@ def test_pixel_decoder_levels_coarsest_first(golden):
     assert [p[0].in_channels for p in decoder.input_proj] == [40, 32, 24]
     assert decoder.transformer_in_features == ["res3", "res4", "res5"]
     assert decoder.num_fpn_levels == 1 and hasattr(decoder, "adapter_1")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pixel_decoder_inference_equals_autograd_path(golden, batch):
+    """Without autograd the FPN step resizes the channels-last encoder map into a channels-last
+    tensor (batch 1); the values are those of the autograd path, bit for bit."""
+    decoder = build_head(golden).pixel_decoder.eval()
+    features = {k: v[:batch].clone() for k, v in golden["features"].items()}
+    with torch.no_grad():
+        plain = decoder.forward_features(features)
+    tracked = decoder.forward_features({k: v.requires_grad_() for k, v in features.items()})
+    assert torch.equal(plain[0], tracked[0].detach())  # mask features
+    for a, b in zip(plain[2], tracked[2]):
+        assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_upsample_bilinear_equals_interpolate(batch):
+    # [B, H*W, C] -> [B, C, H, W], as the encoder's maps are laid out
+    x = torch.randn(batch, 6 * 5, 7).transpose(1, 2).view(batch, 7, 6, 5)
+    expected = torch.nn.functional.interpolate(
+        x, size=(12, 10), mode="bilinear", align_corners=False
+    )
+    with torch.no_grad():
+        out = _upsample_bilinear(x, (12, 10))
+        contiguous = _upsample_bilinear(x.contiguous(), (12, 10))
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(contiguous, expected)
 
 
 def test_common_stride_decides_fpn_levels(golden):

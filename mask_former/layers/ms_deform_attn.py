@@ -325,10 +325,10 @@ def ms_deform_attn_core_gather(
     # Index arithmetic in float32 at least (half precision cannot count table rows).
     locations = sampling_locations.to(torch.promote_types(value.dtype, torch.float32))
     size, row_length, first_row, corners = _per_sample_constants(shapes, num_points, locations)
-    # Pixel coordinates (grid_sample's unnormalisation), clamped to the frame. fmax/fmin map NaN
-    # to the bound: such a point reads zeros instead of indexing outside the table.
-    xy = locations.reshape(rows, samples, 2) * size - 0.5
-    xy = torch.fmin(torch.fmax(xy, xy.new_tensor(-1.0)), size)
+    # Pixel coordinates (grid_sample's unnormalisation), clamped to the frame; a NaN coordinate
+    # becomes -1 and reads zeros instead of indexing outside the table.
+    xy = (locations.reshape(rows, samples, 2) * size - 0.5).nan_to_num(nan=-1.0)
+    xy = torch.clamp(xy, min=xy.new_tensor(-1.0), max=size)
     xy0 = xy.floor()
     frac = xy - xy0
     x0, y0 = xy0.unbind(-1)
@@ -522,11 +522,18 @@ class MSDeformAttn(nn.Module):
             ValueError: if the last dim of ``reference_points`` is neither 2 nor 4.
         """
         if reference_points.shape[-1] == 2:
+            # reference + offsets / (W_l, H_l), elementwise as published; the per-level constants
+            # are laid out over the contiguous (L, P, 2) block so both broadcasts are cheap.
+            n, lq, m, num_levels, num_points, _ = offsets.shape
+            block = num_levels * num_points * 2
             offset_normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
-            return (
-                reference_points[:, :, None, :, None, :]
-                + offsets / offset_normalizer[None, None, None, :, None, :]
+            offset_normalizer = offset_normalizer.to(offsets.dtype)[:, None]
+            offset_normalizer = offset_normalizer.expand(num_levels, num_points, 2).reshape(block)
+            references = reference_points[:, :, None, :, None, :].expand(
+                n, lq, 1, num_levels, num_points, 2
             )
+            scaled = offsets.reshape(n, lq, m, block) / offset_normalizer
+            return (references.reshape(n, lq, 1, block) + scaled).view(offsets.shape)
         if reference_points.shape[-1] == 4:
             return (
                 reference_points[:, :, None, :, None, :2]

@@ -282,6 +282,27 @@ def _input_projection(in_channels: int, conv_dim: int) -> nn.Sequential:
     )
 
 
+def _upsample_bilinear(x: Tensor, size: Sequence[int]) -> Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, the same values.
+
+    The encoder's maps are views of a [B, H*W, C] tensor, i.e. channels-last. PyTorch's CPU kernel
+    resizes such input in channels-last layout and then copies the result into a new contiguous
+    tensor, which costs more than the resizing itself; without autograd the result is written
+    straight into a channels-last tensor instead (the same kernel, so the same values).
+    """
+    if (
+        x.device.type != "cpu"
+        or torch.jit.is_tracing()
+        or (torch.is_grad_enabled() and x.requires_grad)
+        or not x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    out = torch.empty(
+        (*x.shape[:2], *size), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+    )
+    return torch.ops.aten.upsample_bilinear2d.out(x, list(size), False, None, None, out=out)
+
+
 @PIXEL_DECODER_REGISTRY.register()
 class MSDeformAttnPixelDecoder(nn.Module):
     """
@@ -461,9 +482,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         out = self._encode(features)
         for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
             lateral = self.lateral_convs[idx](features[name].float())
-            upsampled = F.interpolate(
-                out[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
-            )
+            upsampled = _upsample_bilinear(out[-1], lateral.shape[-2:])
             out.append(self.output_convs[idx](lateral + upsampled))
         multi_scale_features = out[: self.maskformer_num_feature_levels]
         return self.mask_features(out[-1]), out[0], multi_scale_features
