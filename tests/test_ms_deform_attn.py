@@ -553,3 +553,15 @@ def test_triton_cuda_half_precision():
     assert fused.dtype == torch.float16
     pure = ms_deform_attn_core_pytorch(half[0].float(), shapes, half[1].float(), half[2].float())
     torch.testing.assert_close(fused.float(), pure.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_inference_softmax_equals_softmax():
+    logits = torch.randn(3, 50, 8, 12) * 4
+    logits[0, 0, 0, :5] = -float("inf")  # masked entries get weight 0, as in softmax
+    with torch.no_grad():
+        out = msda_module._softmax_last_dim(logits)
+    expected = torch.softmax(logits, -1)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(out[0, 0, 0, :5], torch.zeros(5))
+    tracked = msda_module._softmax_last_dim(logits.clone().requires_grad_())
+    assert tracked.grad_fn is not None and torch.equal(tracked.detach(), expected)

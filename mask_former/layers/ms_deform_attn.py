@@ -359,6 +359,20 @@ def ms_deform_attn_core_gather(
     return output.view(n, lq, m * d)
 
 
+def _softmax_last_dim(x: Tensor) -> Tensor:
+    """``F.softmax(x, -1)``. Without autograd on CPU it runs as max, exp and sum ops: over a short
+    last dim (L * P = 12 here) several times faster than softmax's own kernel, equal up to float
+    rounding (about 1e-7)."""
+    if (
+        x.device.type != "cpu"
+        or torch.jit.is_tracing()
+        or (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        return F.softmax(x, -1)
+    exp = (x - x.amax(-1, keepdim=True)).exp_()
+    return exp.div_(exp.sum(-1, keepdim=True))
+
+
 def _triton_interpreter_on() -> bool:
     """Whether triton runs kernels on the CPU (``TRITON_INTERPRET=1``, read when triton imports)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -593,7 +607,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(
             n, lq, self.n_heads, self.n_levels * self.n_points
         )
-        weights = F.softmax(weights, -1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
+        weights = _softmax_last_dim(weights).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         locations = self._sampling_locations(reference_points, offsets, input_spatial_shapes)
         core = _select_impl(self.impl, value)
         output = core(value, input_spatial_shapes, locations, weights)
