@@ -1,5 +1,6 @@
-"""tools/analyze_model.py (parameters, FLOPs, activations, structure of a tiny model) and
-tools/plot_metrics.py (curves from a detectron2 metrics.json), through their main()."""
+"""tools/analyze_model.py (parameters, FLOPs, activations, structure of a tiny model),
+tools/plot_metrics.py (curves from a detectron2 metrics.json) and tools/benchmark_model.py (what
+it reports, not how fast), through their main()."""
 
 import json
 import math
@@ -23,6 +24,7 @@ def load_tool(name):
 
 
 analyze_model = load_tool("analyze_model")
+benchmark_model = load_tool("benchmark_model")
 plot_metrics = load_tool("plot_metrics")
 
 
@@ -59,6 +61,21 @@ def test_parameters_and_structure(tiny_config, capsys):
     out = capsys.readouterr().out
     assert f"Total parameters: {expected} " in out
     assert "MaskFormer(" in out and "| sem_seg_head" in out
+
+
+@pytest.mark.parametrize("train_iters", [0, 1])
+def test_benchmark_model_reports(tiny_config, capsys, train_iters):
+    config_file, cfg = tiny_config
+    benchmark_model.main(
+        ["--config-file", config_file, "--size", "64x96", "--batch", "2", "--warmup", "0"]
+        + ["--iters", "1", "--train-iters", str(train_iters), "--threads", "1"]
+    )
+    out = capsys.readouterr().out
+    expected = sum(p.numel() for p in build_model(cfg).parameters())
+    assert f"parameters: {expected / 1e6:.3f} M" in out
+    assert "input: 2x3x64x96" in out and "FLOPs (fvcore, per batch): " in out
+    assert "forward incl. post-processing: median " in out
+    assert ("training step (batch 2): median " in out) == (train_iters > 0)
 
 
 def test_flops_and_activations_of_dataset_images(tiny_config, capsys):

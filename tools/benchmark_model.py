@@ -30,7 +30,7 @@ from mask_former.engine import build_optimizer, tune_malloc
 logger = logging.getLogger("mask_former.benchmark")
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--size", default="512x512", help="HxW of the input images")
@@ -39,12 +39,14 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5, help="timed forward passes")
-    parser.add_argument("--train-iters", type=int, default=3, help="timed training steps")
+    parser.add_argument(
+        "--train-iters", type=int, default=3, help="timed training steps (0: no training step)"
+    )
     parser.add_argument("--num-gt", type=int, default=10, help="ground-truth masks per image")
     parser.add_argument("--no-flops", action="store_true")
     parser.add_argument("--amp", action="store_true", help="autocast (CUDA only)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def setup_cfg(args):
@@ -127,8 +129,8 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     setup_logger(name="mask_former")
     tune_malloc()
     if args.threads > 0:
@@ -159,6 +161,8 @@ def main():
         f"min {min(times):.3f} s ({args.batch / statistics.median(times):.2f} images/s)"
     )
     print(f"peak memory after inference: {peak_memory_mb(args.device):.0f} MB")
+    if args.train_iters < 1:
+        return
 
     model.train()
     optimizer = build_optimizer(cfg, model)  # as train_net.py: param groups, clipping, fused
