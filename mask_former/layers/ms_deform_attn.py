@@ -607,8 +607,13 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(
             n, lq, self.n_heads, self.n_levels * self.n_points
         )
-        weights = _softmax_last_dim(weights).view(n, lq, self.n_heads, self.n_levels, self.n_points)
-        locations = self._sampling_locations(reference_points, offsets, input_spatial_shapes)
         core = _select_impl(self.impl, value)
+        # "pytorch" keeps the published arithmetic end to end (softmax's own kernel)
+        if core is ms_deform_attn_core_pytorch:
+            weights = F.softmax(weights, -1)
+        else:
+            weights = _softmax_last_dim(weights)
+        weights = weights.view(n, lq, self.n_heads, self.n_levels, self.n_points)
+        locations = self._sampling_locations(reference_points, offsets, input_spatial_shapes)
         output = core(value, input_spatial_shapes, locations, weights)
         return self.output_proj(output)
