@@ -17,7 +17,11 @@ from detectron2.config import CfgNode as CN
 __all__ = ["add_mask_former_config", "add_maskformer2_config", "OWN_CONFIG_KEYS"]
 
 # Full names of the keys this project adds beyond the published adders; documented in README.md.
-OWN_CONFIG_KEYS = ("MODEL.MASK_FORMER.FAMILY", "MODEL.MASK_FORMER.CHANNELS_LAST")
+OWN_CONFIG_KEYS = (
+    "MODEL.MASK_FORMER.FAMILY",
+    "MODEL.MASK_FORMER.CHANNELS_LAST",
+    "MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL",
+)
 
 
 def _add_deeplab_keys(cfg):
@@ -133,6 +137,10 @@ def add_mask_former_config(cfg):
     # MODEL.MASK_FORMER.NHEADS); kept for compatibility, and likewise unread here.
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    # (ours) Core of the deformable attention: "auto" (Triton on CUDA when it imports, else the
+    # published grid_sample arithmetic), "pytorch" (grid_sample), "gather" (embedding_bag; faster
+    # CPU inference, equal up to float rounding) or "triton".
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL = "auto"
 
     # ---------------------------------------------------------------- MODEL.SWIN
     cfg.MODEL.SWIN = CN()

@@ -11,6 +11,7 @@ from test_maskformer_heads import build_golden_head, cfg_with
 from mask_former.modeling.pixel_decoder.msdeformattn import (
     ENCODER_FEEDFORWARD_DIM,
     ENCODER_NUM_POINTS,
+    MSDeformAttnPixelDecoder,
     _upsample_bilinear,
     encoder_reference_points,
 )
@@ -80,15 +81,13 @@ def test_head_matches_golden(golden, one_thread):
         assert ours.dtype == torch.bool and torch.equal(ours, ref)
 
 
-def test_head_with_grid_sample_core_is_bit_exact(golden, one_thread):
-    """impl="pytorch" keeps the published arithmetic: the golden outputs exactly (the default
-    gather core on CPU agrees within the golden tolerance, test_head_matches_golden)."""
+def test_head_is_bit_exact_by_default(golden, one_thread):
+    """The default deformable-attention core keeps the published arithmetic: the golden outputs
+    and attention masks exactly (test_head_matches_golden allows the golden tolerance); the
+    opt-in gather core stays within that tolerance."""
     from mask_former.layers import MSDeformAttn
 
     head = build_golden_head(golden)
-    for module in head.modules():
-        if isinstance(module, MSDeformAttn):
-            module.impl = "pytorch"
     out, _, attn_masks = run_head(head, golden["features"])
     assert torch.equal(out["pred_logits"], golden["pred_logits"])
     assert torch.equal(out["pred_masks"], golden["pred_masks"])
@@ -96,6 +95,13 @@ def test_head_with_grid_sample_core_is_bit_exact(golden, one_thread):
         assert torch.equal(ours["pred_masks"], ref["pred_masks"])
     for ours, ref in zip(attn_masks, golden["intermediates"]["attn_masks_pre_fix"]):
         assert torch.equal(ours, ref)
+    for module in head.modules():
+        if isinstance(module, MSDeformAttn):
+            module.impl = "gather"
+    gathered, _, _ = run_head(head, golden["features"])
+    assert_close(gathered["pred_masks"], golden["pred_masks"])
+    assert_close(gathered["pred_logits"], golden["pred_logits"])
+    assert not torch.equal(gathered["pred_masks"], golden["pred_masks"])
 
 
 def test_head_forward_equals_step_by_step(golden):
@@ -290,10 +296,22 @@ def test_deformable_attention_implementation_is_selectable(golden):
         }
     with torch.no_grad():
         out = {k: d.forward_features(golden["features"])[0] for k, d in decoders.items()}
-    assert torch.equal(out["auto"], out["gather"])  # on CPU "auto" is the gather core
-    # the grid_sample core sums in another order: equal up to float rounding, not bit for bit
+    assert torch.equal(out["auto"], out["pytorch"])  # on CPU "auto" is the grid_sample core
+    # the gather core sums in another order: equal up to float rounding, not bit for bit
     torch.testing.assert_close(out["gather"], out["pytorch"], rtol=1e-5, atol=1e-5)
     assert not torch.equal(out["gather"], out["pytorch"])
+
+
+def test_deformable_attention_implementation_from_config(golden):
+    shapes = golden_shapes(golden)
+    cfg = cfg_with(golden["cfg"])
+    assert cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL == "auto"
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL = "gather"
+    decoder = MSDeformAttnPixelDecoder(cfg, shapes)
+    assert {layer.self_attn.impl for layer in decoder.transformer.encoder.layers} == {"gather"}
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL = "cuda"
+    with pytest.raises(ValueError, match="DEFORMABLE_ATTENTION_IMPL must be one of"):
+        MSDeformAttnPixelDecoder(cfg, shapes)
 
 
 @pytest.mark.parametrize(

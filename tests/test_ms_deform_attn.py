@@ -372,7 +372,7 @@ def test_module_logs_choice_once_and_warns(caplog, monkeypatch):
         MSDeformAttn(d_model=24, n_heads=2)
     choices = [r.getMessage() for r in caplog.records if "implementation" in r.getMessage()]
     assert choices == [
-        "MSDeformAttn uses the gather implementation: tensors on cpu, the Triton "
+        "MSDeformAttn uses the pytorch implementation: tensors on cpu, the Triton "
         "kernel needs CUDA"
     ]
     assert any("not a power of 2" in r.getMessage() for r in caplog.records)

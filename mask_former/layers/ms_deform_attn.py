@@ -10,7 +10,8 @@ Three implementations of the sampling-and-summing core are provided:
   (the golden files were recorded with it). Runs anywhere.
 * ``ms_deform_attn_core_gather``: one ``F.embedding_bag`` weighted gather of the four bilinear
   corners of every sample from a zero-framed value table. The same values up to float rounding;
-  about 3x faster on CPU (forward) and the default there. Runs anywhere.
+  about 3x faster on CPU (forward). Opt-in (``impl="gather"``): its rounding differences can flip
+  thresholded mask pixels, so the default keeps the published arithmetic. Runs anywhere.
 * ``ms_deform_attn_triton`` (``ms_deform_attn_triton.py``): one fused Triton kernel for forward and
   backward, no build step. Used on CUDA when triton imports.
 
@@ -401,8 +402,9 @@ def _log_choice_once(impl: str, reason: str):
 def _select_impl(impl: str, value: Tensor):
     """Picks the core function for ``impl`` and these inputs.
 
-    "auto" picks Triton where it runs (CUDA tensors, or its CPU interpreter) and imports, the
-    gather core for CPU tensors, and the grid_sample core otherwise (CUDA without triton).
+    "auto" picks Triton where it runs (CUDA tensors, or its CPU interpreter) and imports, and the
+    grid_sample core otherwise: the published arithmetic. The gather core is faster on CPU but
+    rounds differently, so it runs only when asked for.
 
     Args:
         impl (str): the requested implementation.
@@ -425,8 +427,8 @@ def _select_impl(impl: str, value: Tensor):
         return ms_deform_attn_core_gather
     runs_triton = value.is_cuda or _triton_interpreter_on()
     if impl == "auto" and not runs_triton:
-        _log_choice_once("gather", f"tensors on {value.device.type}, the Triton kernel needs CUDA")
-        return ms_deform_attn_core_gather
+        _log_choice_once("pytorch", f"tensors on {value.device.type}, the Triton kernel needs CUDA")
+        return ms_deform_attn_core_pytorch
     triton_core, error = _import_triton_impl()
     if impl == "auto":
         if triton_core is None:
@@ -465,9 +467,9 @@ class MSDeformAttn(nn.Module):
             n_levels (int): number of feature levels L.
             n_heads (int): number of attention heads M; must divide ``d_model``.
             n_points (int): sampling points P per head and level.
-            impl (str): "auto" (Triton on CUDA when triton imports, the gather core on CPU, the
-                grid_sample core otherwise), "pytorch" (grid_sample), "gather" or "triton". May be
-                changed later through the ``impl`` attribute.
+            impl (str): "auto" (Triton on CUDA when triton imports, else the grid_sample core),
+                "pytorch" (grid_sample), "gather" or "triton". May be changed later through the
+                ``impl`` attribute.
 
         Raises:
             ValueError: if ``d_model`` is not divisible by ``n_heads`` or ``impl`` is unknown.

@@ -28,6 +28,7 @@ from fvcore.nn import weight_init
 from torch import Tensor, nn
 
 from ...layers import MSDeformAttn
+from ...layers.ms_deform_attn import IMPLEMENTATIONS
 from ..transformer_decoder.mask2former_decoder import CachedPositionEmbeddingSine
 from ..transformer_decoder.transformer import get_activation_fn
 from .build import PIXEL_DECODER_REGISTRY
@@ -282,6 +283,20 @@ def _input_projection(in_channels: int, conv_dim: int) -> nn.Sequential:
     )
 
 
+def _deformable_attention_impl(value: str) -> str:
+    """Checks ``MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL``.
+
+    Raises:
+        ValueError: naming the key and the accepted values.
+    """
+    if value not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL must be one of {IMPLEMENTATIONS}, "
+            f"got {value!r}"
+        )
+    return value
+
+
 def _upsample_bilinear(x: Tensor, size: Sequence[int]) -> Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, the same values.
 
@@ -345,8 +360,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             common_stride (int): stride of ``mask_features``; FPN levels are added down to it.
             transformer_n_points (int): sampling points per head and level.
             deform_attn_impl (str): :class:`MSDeformAttn`'s implementation ("auto", "pytorch",
-                "gather" or "triton"); "auto" picks Triton on CUDA when it imports and the gather
-                core on CPU.
+                "gather" or "triton"); "auto" picks Triton on CUDA when it imports, else the
+                grid_sample core. From ``MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_IMPL``.
 
         Raises:
             ValueError: if a ``transformer_in_features`` entry is not in ``input_shape``, or
@@ -448,6 +463,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
             "transformer_in_features": head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
             "common_stride": head.COMMON_STRIDE,
+            "deform_attn_impl": _deformable_attention_impl(head.DEFORMABLE_ATTENTION_IMPL),
         }
 
     def _encode(self, features: Dict[str, Tensor]) -> List[Tensor]:
