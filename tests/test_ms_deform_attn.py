@@ -565,3 +565,45 @@ def test_inference_softmax_equals_softmax():
     assert torch.equal(out[0, 0, 0, :5], torch.zeros(5))
     tracked = msda_module._softmax_last_dim(logits.clone().requires_grad_())
     assert tracked.grad_fn is not None and torch.equal(tracked.detach(), expected)
+
+
+@pytest.mark.parametrize("needs", ["value", "locations", "weights"])
+def test_gather_core_backward_of_one_input(needs):
+    """The gather's own backward (index_add_ scatter, row dot products) for each input alone
+    equals embedding_bag's autograd backward, chunk boundaries included."""
+    value, shapes, locations, weights = _random_inputs(2, 37, 3, 4, SHAPES, 3, dtype=torch.float64)
+    inputs = {"value": value, "locations": locations, "weights": weights}
+    inputs[needs] = inputs[needs].clone().requires_grad_()
+    out = ms_deform_attn_core_gather(
+        inputs["value"], shapes, inputs["locations"], inputs["weights"]
+    )
+    grad_out = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, inputs[needs], grad_out)
+
+    def embedding_bag_apply(table, index, corner_weights):
+        return torch.nn.functional.embedding_bag(
+            index, table, per_sample_weights=corner_weights, mode="sum"
+        )
+
+    original = msda_module._WeightedGather.apply
+    msda_module._WeightedGather.apply = embedding_bag_apply
+    try:
+        out_ref = ms_deform_attn_core_gather(
+            inputs["value"], shapes, inputs["locations"], inputs["weights"]
+        )
+        (reference,) = torch.autograd.grad(out_ref, inputs[needs], grad_out)
+    finally:
+        msda_module._WeightedGather.apply = original
+    assert torch.equal(out, out_ref)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_gather_core_backward_chunks(monkeypatch):
+    value, shapes, locations, weights = _random_inputs(1, 11, 2, 4, SHAPES, 2, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (value, locations, weights)]
+    out = ms_deform_attn_core_gather(inputs[0], shapes, inputs[1], inputs[2])
+    grads = torch.autograd.grad(out.sum(), inputs)
+    monkeypatch.setattr(msda_module._WeightedGather, "CHUNK_ROWS", 3)  # 22 rows: 8 chunks
+    out = ms_deform_attn_core_gather(inputs[0], shapes, inputs[1], inputs[2])
+    for a, b in zip(grads, torch.autograd.grad(out.sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

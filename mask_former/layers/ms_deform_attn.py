@@ -351,13 +351,45 @@ def ms_deform_attn_core_gather(
     corner_weights = torch.stack(
         [weights_y0 - weights_x1y0, weights_x1y0, weights_y1 - weights_x1y1, weights_x1y1], -1
     )
-    output = F.embedding_bag(
-        index.view(rows, samples * 4),
+    output = _WeightedGather.apply(
         table,
-        per_sample_weights=corner_weights.view(rows, samples * 4).to(table.dtype),
-        mode="sum",
+        index.view(rows, samples * 4),
+        corner_weights.view(rows, samples * 4).to(table.dtype),
     )
     return output.view(n, lq, m * d)
+
+
+class _WeightedGather(torch.autograd.Function):
+    """``out[r] = sum_j weights[r, j] * table[index[r, j]]``: ``F.embedding_bag`` (mode "sum")
+    forward; a backward that scatters into the table with ``index_add_`` over chunks of rows,
+    about twice as fast on CPU as embedding_bag's own (which sorts all indices first)."""
+
+    # Rows per chunk of the backward's [rows, J, D] products (~6 MB for J = 48, D = 32).
+    CHUNK_ROWS = 1024
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(table, index, weights)
+        return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        table, index, weights = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        grad_table = torch.zeros_like(table) if ctx.needs_input_grad[0] else None
+        grad_weights = torch.empty_like(weights) if ctx.needs_input_grad[2] else None
+        for start in range(0, index.shape[0], _WeightedGather.CHUNK_ROWS):
+            stop = min(start + _WeightedGather.CHUNK_ROWS, index.shape[0])
+            chunk_index, chunk_grad = index[start:stop], grad_output[start:stop]
+            if grad_table is not None:
+                # [c, J, D] contributions to the rows they were read from
+                products = weights[start:stop, :, None] * chunk_grad[:, None, :]
+                grad_table.index_add_(0, chunk_index.flatten(), products.flatten(0, 1))
+            if grad_weights is not None:
+                # [c, J, D] @ [c, D, 1]: each weight's gradient is its row . grad_output
+                rows = table.index_select(0, chunk_index.flatten()).view(*chunk_index.shape, -1)
+                torch.bmm(rows, chunk_grad[:, :, None], out=grad_weights[start:stop, :, None])
+        return grad_table, None, grad_weights
 
 
 def _softmax_last_dim(x: Tensor) -> Tensor:
