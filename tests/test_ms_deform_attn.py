@@ -174,14 +174,6 @@ def test_gather_core_agrees_with_grid_sample_core_in_float32():
         torch.testing.assert_close(gather, reference, rtol=0, atol=2e-6 * scale)
 
 
-def test_gather_core_inference_equals_autograd_path():
-    value, shapes, locations, weights = _random_inputs(2, 23, 4, 8, SHAPES, 4)
-    with torch.no_grad():
-        plain = ms_deform_attn_core_gather(value, shapes, locations, weights)
-    tracked = ms_deform_attn_core_gather(value.requires_grad_(), shapes, locations, weights)
-    assert torch.equal(plain, tracked.detach())
-
-
 def test_gather_core_integer_row_indices_for_large_tables(monkeypatch):
     """Past 2**24 table rows the row indices are not exact in float32 and are summed as int64:
     the same result (forced here by lowering the limit)."""
@@ -190,6 +182,32 @@ def test_gather_core_integer_row_indices_for_large_tables(monkeypatch):
     monkeypatch.setattr(msda_module, "_FLOAT_EXACT_ROWS", 1)
     int_rows = ms_deform_attn_core_gather(value, shapes, locations, weights)
     assert torch.equal(float_rows, int_rows)
+
+
+def test_gather_core_reads_the_right_rows_of_a_level_beyond_float32_integers():
+    """A 4100 x 4100 level has more than 2**24 positions: float32 cannot count its rows, so the
+    row indices are summed in int64 (values here: flat index mod 1000, read at pixel centres)."""
+    h = w = 4100
+    value = (torch.arange(h * w) % 1000).float().view(1, h * w, 1, 1)
+    pixels = torch.tensor([[4098, 4099], [100, 4099], [4099, 0], [7, 3]])  # (x, y)
+    locations = ((pixels.double() + 0.5) / torch.tensor([w, h])).float().view(1, 4, 1, 1, 1, 2)
+    weights = torch.ones(1, 4, 1, 1, 1)
+    out = ms_deform_attn_core_gather(value, [[h, w]], locations, weights).flatten()
+    expected = ((pixels[:, 1] * w + pixels[:, 0]) % 1000).float()
+    assert torch.equal(out, expected)
+
+
+def test_gather_core_has_no_double_backward():
+    value, shapes, locations, weights = _random_inputs(1, 4, 2, 4, SHAPES, 2, dtype=torch.float64)
+    value.requires_grad_()
+    locations.requires_grad_()
+    out = ms_deform_attn_core_gather(value, shapes, locations, weights)
+    # d out / d locations depends on the values: a graph of it would have to go through the
+    # gather's backward, which records none; it raises instead of returning a partial graph
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.sum(), locations, create_graph=True)
+    (grad,) = torch.autograd.grad(out.sum(), locations)  # first order is fine
+    assert torch.isfinite(grad).all()
 
 
 def test_gather_core_non_finite_locations_read_zeros():
@@ -570,7 +588,7 @@ def test_inference_softmax_equals_softmax():
 @pytest.mark.parametrize("needs", ["value", "locations", "weights"])
 def test_gather_core_backward_of_one_input(needs):
     """The gather's own backward (index_add_ scatter, row dot products) for each input alone
-    equals embedding_bag's autograd backward, chunk boundaries included."""
+    equals embedding_bag's autograd backward (chunking: test_gather_core_backward_chunks)."""
     value, shapes, locations, weights = _random_inputs(2, 37, 3, 4, SHAPES, 3, dtype=torch.float64)
     inputs = {"value": value, "locations": locations, "weights": weights}
     inputs[needs] = inputs[needs].clone().requires_grad_()

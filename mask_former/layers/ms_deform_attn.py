@@ -334,14 +334,16 @@ def ms_deform_attn_core_gather(
     frac = xy - xy0
     x0, y0 = xy0.unbind(-1)
     # [N*Lq*M, L*P] row of corner (x0, y0); the (batch, head) offset is added per block of rows.
-    first = torch.addcmul(x0 + first_row, y0, row_length)
     block_offset = torch.arange(n * m, device=value.device).view(n, 1, m, 1) * padded_positions
     if n * m * padded_positions <= _FLOAT_EXACT_ROWS:  # every row index is exact in float
+        first = torch.addcmul(x0 + first_row, y0, row_length)
         first = (first.view(n, lq, m, samples) + block_offset.to(first.dtype)).view(rows, samples)
         index = (first.unsqueeze(-1) + corners).to(torch.int64)
-    else:
-        index = (first.unsqueeze(-1) + corners).to(torch.int64)
-        index = (index.view(n, lq, m, samples, 4) + block_offset.unsqueeze(-1)).view(rows, -1, 4)
+    else:  # the same sums in int64
+        first = x0.to(torch.int64) + first_row.to(torch.int64)
+        first = first + y0.to(torch.int64) * row_length.to(torch.int64)
+        first = (first.view(n, lq, m, samples) + block_offset).view(rows, samples)
+        index = first.unsqueeze(-1) + corners.to(torch.int64)
     fx, fy = frac.unbind(-1)
     weights = attention_weights.reshape(rows, samples).to(frac.dtype)
     weights_y1 = weights * fy
@@ -362,7 +364,8 @@ def ms_deform_attn_core_gather(
 class _WeightedGather(torch.autograd.Function):
     """``out[r] = sum_j weights[r, j] * table[index[r, j]]``: ``F.embedding_bag`` (mode "sum")
     forward; a backward that scatters into the table with ``index_add_`` over chunks of rows,
-    about twice as fast on CPU as embedding_bag's own (which sorts all indices first)."""
+    about twice as fast on CPU as embedding_bag's own (which sorts all indices first). No double
+    backward: with ``create_graph=True`` it raises."""
 
     # Rows per chunk of the backward's [rows, J, D] products (~6 MB for J = 48, D = 32).
     CHUNK_ROWS = 1024
@@ -374,6 +377,11 @@ class _WeightedGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: this backward records no graph
+            raise RuntimeError(
+                "ms_deform_attn_core_gather has no double backward (create_graph=True); use "
+                "the grid_sample core (impl='pytorch') for higher-order gradients"
+            )
         table, index, weights = ctx.saved_tensors
         grad_output = grad_output.contiguous()
         grad_table = torch.zeros_like(table) if ctx.needs_input_grad[0] else None
