@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fast_path import cpu_inference_fast_path
+
 __all__ = [
     "MSDeformAttn",
     "ms_deform_attn_core_pytorch",
@@ -333,17 +335,14 @@ def ms_deform_attn_core_gather(
     xy0 = xy.floor()
     frac = xy - xy0
     x0, y0 = xy0.unbind(-1)
-    # [N*Lq*M, L*P] row of corner (x0, y0); the (batch, head) offset is added per block of rows.
+    # [N*Lq*M, L*P] row of corner (x0, y0), plus the (batch, head) block's offset: in floating
+    # point while every row index is exact there, else in int64.
+    exact_in_float = n * m * padded_positions <= _FLOAT_EXACT_ROWS
+    dtype = locations.dtype if exact_in_float else torch.int64
     block_offset = torch.arange(n * m, device=value.device).view(n, 1, m, 1) * padded_positions
-    if n * m * padded_positions <= _FLOAT_EXACT_ROWS:  # every row index is exact in float
-        first = torch.addcmul(x0 + first_row, y0, row_length)
-        first = (first.view(n, lq, m, samples) + block_offset.to(first.dtype)).view(rows, samples)
-        index = (first.unsqueeze(-1) + corners).to(torch.int64)
-    else:  # the same sums in int64
-        first = x0.to(torch.int64) + first_row.to(torch.int64)
-        first = first + y0.to(torch.int64) * row_length.to(torch.int64)
-        first = (first.view(n, lq, m, samples) + block_offset).view(rows, samples)
-        index = first.unsqueeze(-1) + corners.to(torch.int64)
+    first = x0.to(dtype) + first_row.to(dtype) + y0.to(dtype) * row_length.to(dtype)
+    first = (first.view(n, lq, m, samples) + block_offset.to(dtype)).view(rows, samples)
+    index = (first.unsqueeze(-1) + corners.to(dtype)).to(torch.int64)
     fx, fy = frac.unbind(-1)
     weights = attention_weights.reshape(rows, samples).to(frac.dtype)
     weights_y1 = weights * fy
@@ -404,11 +403,7 @@ def _softmax_last_dim(x: Tensor) -> Tensor:
     """``F.softmax(x, -1)``. Without autograd on CPU it runs as max, exp and sum ops: over a short
     last dim (L * P = 12 here) several times faster than softmax's own kernel, equal up to float
     rounding (about 1e-7)."""
-    if (
-        x.device.type != "cpu"
-        or torch.jit.is_tracing()
-        or (torch.is_grad_enabled() and x.requires_grad)
-    ):
+    if not cpu_inference_fast_path(x):
         return F.softmax(x, -1)
     exp = (x - x.amax(-1, keepdim=True)).exp_()
     return exp.div_(exp.sum(-1, keepdim=True))

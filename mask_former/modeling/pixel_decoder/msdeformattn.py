@@ -28,6 +28,7 @@ from fvcore.nn import weight_init
 from torch import Tensor, nn
 
 from ...layers import MSDeformAttn
+from ...layers.fast_path import cpu_inference_fast_path
 from ...layers.ms_deform_attn import IMPLEMENTATIONS
 from ..transformer_decoder.mask2former_decoder import CachedPositionEmbeddingSine
 from ..transformer_decoder.transformer import get_activation_fn
@@ -305,12 +306,7 @@ def _upsample_bilinear(x: Tensor, size: Sequence[int]) -> Tensor:
     tensor, which costs more than the resizing itself; without autograd the result is written
     straight into a channels-last tensor instead (the same kernel, so the same values).
     """
-    if (
-        x.device.type != "cpu"
-        or torch.jit.is_tracing()
-        or (torch.is_grad_enabled() and x.requires_grad)
-        or not x.is_contiguous(memory_format=torch.channels_last)
-    ):
+    if not cpu_inference_fast_path(x) or not x.is_contiguous(memory_format=torch.channels_last):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     out = torch.empty(
         (*x.shape[:2], *size), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
