@@ -40,6 +40,8 @@ from mask_former.engine import amp_enabled, build_step_trainer
 from mask_former.engine.defaults import LeanSimpleTrainer
 from mask_former.engine.optimizer import NORM_MODULE_TYPES
 from mask_former.evaluation import EVALUATORS, InstanceSegEvaluator, build_evaluator
+from mask_former.evaluation import build as evaluation_build
+from mask_former.evaluation.build import load_sem_seg_label
 from mask_former.test_time_augmentation import SemanticSegmentorWithTTA
 
 NUM_TRAIN, NUM_VAL = 8, 4
@@ -341,6 +343,13 @@ def fake_datasets(shapes_prefix):
         MetadataCatalog.remove(name)
 
 
+try:
+    from detectron2 import _C as _D2_C
+except ImportError:
+    _D2_C = None
+# Only a compiled detectron2 (e.g. current main built from source) has the C++ COCO evaluation.
+HAS_FAST_COCO_EVAL = hasattr(_D2_C, "COCOevalEvaluateImages")
+
 P, INS, S = "PANOPTIC_ON", "INSTANCE_ON", "SEMANTIC_ON"
 # (evaluator_type, switches on, expected evaluator classes in order)
 DISPATCH_CASES = [
@@ -379,9 +388,39 @@ def test_evaluator_dispatch(fake_datasets, tmp_path, evaluator_type, switches, e
     assert [type(e) for e in evaluators] == expected
     for e in evaluators:
         if isinstance(e, COCOEvaluator):
-            assert e._use_fast_impl is False  # this detectron2 has no C++ COCO evaluation
+            assert e._use_fast_impl is HAS_FAST_COCO_EVAL
         if isinstance(e, (SemSegEvaluator, COCOEvaluator)):
             assert e._output_dir == str(tmp_path / "inference")
+
+
+def test_semantic_label_loader(tmp_path):
+    labels = np.array([[0, 1, 255], [7, 3, 2]], dtype=np.uint8)
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    loaded = load_sem_seg_label(str(tmp_path / "labels.png"), dtype=int)
+    assert loaded.dtype == np.dtype(int) and np.array_equal(loaded, labels)
+    copied = load_sem_seg_label(str(tmp_path / "labels.png"), copy=True)
+    assert copied.dtype == np.uint8 and copied.flags.writeable and np.array_equal(copied, labels)
+
+
+class _SemSegEvaluatorV06:
+    def __init__(self, dataset_name, distributed=True, output_dir=None, *, num_classes=None):
+        self.kwargs = {}
+
+
+class _SemSegEvaluatorMain:
+    def __init__(self, dataset_name, distributed=True, output_dir=None, *, sem_seg_loading_fn=None):
+        self.kwargs = {"sem_seg_loading_fn": sem_seg_loading_fn}
+
+
+@pytest.mark.parametrize(
+    "evaluator_class,expected",
+    [(_SemSegEvaluatorV06, {}), (_SemSegEvaluatorMain, {"sem_seg_loading_fn": load_sem_seg_label})],
+)
+def test_semantic_evaluator_gets_numpy2_safe_loader(monkeypatch, evaluator_class, expected):
+    # detectron2 main's own loader fails under numpy 2 ("Unable to avoid copy"); v0.6 has no
+    # such argument. The semantic factory passes ours exactly when the evaluator accepts it.
+    monkeypatch.setattr(evaluation_build, "SemSegEvaluator", evaluator_class)
+    assert evaluation_build._semantic("any", None).kwargs == expected
 
 
 def test_every_evaluator_type_is_covered():

@@ -7,8 +7,10 @@ evaluators of the outputs the model returns.
 """
 
 import functools
+import inspect
 import logging
 
+import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
@@ -19,10 +21,12 @@ from detectron2.evaluation import (
     SemSegEvaluator,
 )
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from PIL import Image
 
 from .instance_evaluation import InstanceSegEvaluator
 
-__all__ = ["build_evaluator", "EVALUATORS", "fast_coco_eval_available"]
+__all__ = ["build_evaluator", "EVALUATORS", "fast_coco_eval_available", "load_sem_seg_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +47,23 @@ def fast_coco_eval_available():
     return available
 
 
+def load_sem_seg_label(filename, copy=False, dtype=None):
+    """Reads a semantic label PNG into a numpy array (``SemSegEvaluator``'s ``sem_seg_loading_fn``).
+
+    detectron2 main's default loader calls ``np.array(image, copy=False)``, which numpy 2 rejects
+    for PIL images ("Unable to avoid copy"); this one converts with ``np.asarray`` instead.
+    """
+    with PathManager.open(filename, "rb") as f:
+        array = np.asarray(Image.open(f), dtype=dtype)
+    return array.copy() if copy else array
+
+
 def _semantic(dataset_name, output_dir):
-    return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir)
+    kwargs = {}
+    # detectron2 v0.6 reads the labels itself and has no such argument.
+    if "sem_seg_loading_fn" in inspect.signature(SemSegEvaluator.__init__).parameters:
+        kwargs["sem_seg_loading_fn"] = load_sem_seg_label
+    return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir, **kwargs)
 
 
 def _panoptic(dataset_name, output_dir):
