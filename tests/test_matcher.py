@@ -4,9 +4,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import load_golden
 
-from mask_former.modeling.matcher import HungarianMatcher, check_target_labels
+from mask_former.modeling.matcher import (
+    HungarianMatcher,
+    batch_dice_cost,
+    batch_sigmoid_ce_cost,
+    batch_sigmoid_focal_cost,
+    check_target_labels,
+)
 
 LEVELS = ("final", "aux_0", "aux_1")
 SCENARIOS = ("main", "both_nonempty")
@@ -187,6 +194,51 @@ def test_mask2former_cost_by_hand(monkeypatch):
     torch.testing.assert_close(
         cost, torch.tensor([[expected[0]], [expected[1]]]), atol=1e-6, rtol=0
     )
+
+
+def plain_cross_entropies(x):
+    """The published form: BCE with logits against constant target tensors."""
+    pos = F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none")
+    return pos, neg
+
+
+def plain_focal_cost(x, t, alpha=0.25, gamma=2.0):
+    prob = x.sigmoid()
+    pos, neg = plain_cross_entropies(x)
+    pos, neg = (1 - prob) ** gamma * pos, prob**gamma * neg
+    return ((pos * alpha) @ t.t() + (neg * (1 - alpha)) @ (1 - t).t()) / x.shape[1]
+
+
+def plain_ce_cost(x, t):
+    pos, neg = plain_cross_entropies(x)
+    return (pos @ t.t() + neg @ (1 - t).t()) / x.shape[1]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_costs_equal_the_plain_formulas_bit_for_bit(threads):
+    # The costs compute log_sigmoid once and update temporaries in place; same values to the bit.
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(3)
+    x = 4 * torch.randn(7, 300, generator=gen)
+    x[0, :8] = torch.tensor([0.0, -0.0, 30.0, -30.0, 100.0, -100.0, 1e4, -1e4])
+    t = (torch.rand(3, 300, generator=gen) > 0.6).float()
+    assert torch.equal(batch_sigmoid_focal_cost(x, t), plain_focal_cost(x, t))
+    assert torch.equal(batch_sigmoid_focal_cost(x, t, 0.5, 3.0), plain_focal_cost(x, t, 0.5, 3.0))
+    assert torch.equal(batch_sigmoid_ce_cost(x, t), plain_ce_cost(x, t))
+    # The matcher's MaskFormer cost (shared sigmoid) against the costs assembled plainly.
+    outputs, targets = random_batch([2], [(12, 16)], seed=4)
+    matcher = HungarianMatcher(cost_class=1.5, cost_mask=20.0, cost_dice=2.0)
+    (cost,) = matcher.compute_costs(outputs, targets)
+    logits = outputs["pred_masks"][0].flatten(1)
+    masks = targets[0]["masks"].float().flatten(1)
+    class_cost = -outputs["pred_logits"][0].softmax(-1)[:, targets[0]["labels"]]
+    expected = (
+        20.0 * plain_focal_cost(logits, masks)
+        + 1.5 * class_cost
+        + 2.0 * batch_dice_cost(logits, masks)
+    )
+    assert torch.equal(cost, expected)
 
 
 def random_batch(target_counts, target_sizes, seed=0):

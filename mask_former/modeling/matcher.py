@@ -68,10 +68,27 @@ def batch_dice_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     Returns:
         Tensor: [M, N], ``1 - (2 <sigmoid(x), t> + 1) / (sum sigmoid(x) + sum t + 1)``.
     """
-    probs = inputs.sigmoid()
+    return _dice_cost(inputs.sigmoid(), targets)
+
+
+def _dice_cost(probs: Tensor, targets: Tensor) -> Tensor:
+    """:func:`batch_dice_cost` from the [M, D] probabilities ``sigmoid(inputs)``."""
     numerator = 2 * probs @ targets.t()
     denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
     return 1 - (numerator + DICE_SMOOTH) / (denominator + DICE_SMOOTH)
+
+
+def _cross_entropies(inputs: Tensor) -> Tuple[Tensor, Tensor]:
+    """
+    Binary cross-entropy with logits of every logit against target 1 and against target 0.
+
+    Bit for bit what ``F.binary_cross_entropy_with_logits(inputs, ones / zeros)`` returns for
+    finite logits: torch computes ``(1 - t) * x - log_sigmoid(x)``, which is ``-log_sigmoid(x)``
+    for t = 1 and ``x - log_sigmoid(x)`` for t = 0; ``log_sigmoid`` is computed once and no
+    constant target tensors are made. (An infinite logit gives NaN there, and no NaN here.)
+    """
+    log_sigmoid = F.logsigmoid(inputs)
+    return log_sigmoid.neg(), inputs - log_sigmoid
 
 
 def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
@@ -85,8 +102,7 @@ def batch_sigmoid_ce_cost(inputs: Tensor, targets: Tensor) -> Tensor:
     Returns:
         Tensor: [M, N] mean cross-entropy.
     """
-    pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
+    pos, neg = _cross_entropies(inputs)
     cost = pos @ targets.t() + neg @ (1 - targets).t()
     return cost / inputs.shape[1]
 
@@ -106,14 +122,21 @@ def batch_sigmoid_focal_cost(
     Returns:
         Tensor: [M, N] mean focal loss.
     """
-    probs = inputs.sigmoid()
-    pos = (1 - probs) ** gamma * F.binary_cross_entropy_with_logits(
-        inputs, torch.ones_like(inputs), reduction="none"
-    )
-    neg = probs**gamma * F.binary_cross_entropy_with_logits(
-        inputs, torch.zeros_like(inputs), reduction="none"
-    )
-    cost = (pos * alpha) @ targets.t() + (neg * (1 - alpha)) @ (1 - targets).t()
+    return _focal_cost(inputs, inputs.sigmoid(), targets, alpha, gamma)
+
+
+def _focal_cost(
+    inputs: Tensor, probs: Tensor, targets: Tensor, alpha: float, gamma: float
+) -> Tensor:
+    """:func:`batch_sigmoid_focal_cost` given also ``probs = sigmoid(inputs)``.
+
+    The published formula ``alpha * (1 - p) ** gamma * ce(x, 1)`` (and its negative twin) with the
+    same operations in the same order; the [M, D] temporaries are updated in place.
+    """
+    pos_ce, neg_ce = _cross_entropies(inputs)
+    pos = (1 - probs).pow_(gamma).mul_(pos_ce).mul_(alpha)
+    neg = probs.pow(gamma).mul_(neg_ce).mul_(1 - alpha)
+    cost = pos @ targets.t() + neg @ (1 - targets).t()
     return cost / inputs.shape[1]
 
 
@@ -235,11 +258,12 @@ class HungarianMatcher(nn.Module):
         class_prob = pred_logits.flatten(0, 1).float().softmax(-1)
         pred_masks = pred_masks.flatten(0, 1).flatten(1).float()
 
+        probs = pred_masks.sigmoid()
         cost = self._total_cost(
             class_prob,
             labels.to(class_prob.device),
-            batch_sigmoid_focal_cost(pred_masks, target_masks),
-            batch_dice_cost(pred_masks, target_masks),
+            _focal_cost(pred_masks, probs, target_masks, FOCAL_ALPHA, FOCAL_GAMMA),
+            _dice_cost(probs, target_masks),
         )
         cost = cost.view(num_images, num_queries, -1).cpu()
         return [block[i] for i, block in enumerate(cost.split(sizes, dim=-1))]
