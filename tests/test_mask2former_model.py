@@ -112,6 +112,20 @@ def test_train_step_loss_names_and_backward():
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
+def test_train_step_under_autocast():
+    # The published M2F configs train with AMP (CUDA); CPU bfloat16 autocast stands in for it:
+    # the pixel decoder stays float32, the matcher and losses take half-precision predictions.
+    model = build_model(m2f_tiny_cfg()).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(random_batch([(64, 80), (50, 70)]))
+    assert model.sem_seg_head.predictor.training
+    total = sum(losses.values())
+    assert torch.isfinite(total) and all(v.dtype == torch.float32 for v in losses.values())
+    total.backward()
+    for name, grad in _deformable_attention_grads(model).items():
+        assert grad is not None and torch.isfinite(grad).all(), name
+
+
 def test_image_without_segments_trains():
     model = build_model(m2f_tiny_cfg()).train()
     losses = model(random_batch([(64, 64), (64, 64)], empty=(0, 1)))

@@ -241,6 +241,24 @@ def test_costs_equal_the_plain_formulas_bit_for_bit(threads):
     assert torch.equal(cost, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mask2former_matcher_under_autocast_samples_in_float32(dtype):
+    # Under AMP (all published M2F configs) the predictions are half precision. The published
+    # matcher samples them with autocast on, where grid_sample promotes them to float32: the
+    # costs equal those of the float32 predictions. (This used to raise a dtype error.)
+    outputs, targets = random_batch([2, 0, 3], [(20, 24), (20, 24), (24, 32)], seed=5)
+    half = {k: v.to(dtype) for k, v in outputs.items()}
+    full = {k: v.float() for k, v in half.items()}
+    matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=64)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = matcher.compute_costs(half, targets)
+    torch.manual_seed(0)
+    expected = matcher.compute_costs(full, targets)
+    for cost, exp in zip(ours, expected):
+        assert cost.dtype == torch.float32 and torch.equal(cost, exp)
+
+
 def random_batch(target_counts, target_sizes, seed=0):
     """Outputs [B, 6, 12, 16] over 4 classes and targets with the given counts and mask sizes."""
     gen = torch.Generator().manual_seed(seed)

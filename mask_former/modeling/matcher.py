@@ -283,7 +283,9 @@ class HungarianMatcher(nn.Module):
         point_coords = torch.cat(
             [torch.rand(1, self.num_points, 2, device=pred_masks.device) for _ in targets]
         )
-        pred_points = point_sample(pred_masks, point_coords, align_corners=False).float()
+        # Float32 sampling: under AMP the masks are half precision, and the published code samples
+        # them with autocast on, where grid_sample promotes them to the float32 of the points.
+        pred_points = point_sample(pred_masks.float(), point_coords, align_corners=False)
 
         costs = []
         for image_idx, target in enumerate(targets):
@@ -291,10 +293,10 @@ class HungarianMatcher(nn.Module):
             if len(labels) == 0:
                 costs.append(torch.zeros(pred_masks.shape[1], 0))
                 continue
-            target_masks = target["masks"].to(device=pred_masks.device, dtype=pred_masks.dtype)
+            target_masks = target["masks"].to(device=pred_masks.device, dtype=torch.float32)
             target_points = point_sample(
                 target_masks[None], point_coords[image_idx : image_idx + 1], align_corners=False
-            )[0].float()
+            )[0]
             preds = pred_points[image_idx]
             cost = self._total_cost(
                 pred_logits[image_idx].float().softmax(-1),

@@ -491,13 +491,17 @@ class MSDeformAttnPixelDecoder(nn.Module):
             multi_scale_features (list[Tensor]): the 3 coarsest outputs [B, C, H_l, W_l] (the
                 encoder levels in the published configs), coarsest first.
         """
-        out = self._encode(features)
-        for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
-            lateral = self.lateral_convs[idx](features[name].float())
-            upsampled = _upsample_bilinear(out[-1], lateral.shape[-2:])
-            out.append(self.output_convs[idx](lateral + upsampled))
-        multi_scale_features = out[: self.maskformer_num_feature_levels]
-        return self.mask_features(out[-1]), out[0], multi_scale_features
+        # As published, the whole pixel decoder runs in float32 under AMP (autocast off; the
+        # deformable attention has no half-precision path): all its outputs are float32.
+        device_type = next(iter(features.values())).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            out = self._encode(features)
+            for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
+                lateral = self.lateral_convs[idx](features[name].float())
+                upsampled = _upsample_bilinear(out[-1], lateral.shape[-2:])
+                out.append(self.output_convs[idx](lateral + upsampled))
+            multi_scale_features = out[: self.maskformer_num_feature_levels]
+            return self.mask_features(out[-1]), out[0], multi_scale_features
 
     def forward(self, features, targets=None):
         raise RuntimeError(
