@@ -1,6 +1,8 @@
 """Mask2Former's pixel decoder and masked-attention decoder against the published implementation's
 outputs (../shared/golden/mask2former_head.pt), and their documented behaviour."""
 
+import logging
+
 import pytest
 import torch
 from conftest import load_golden
@@ -15,7 +17,7 @@ from mask_former.modeling.pixel_decoder.msdeformattn import (
     _upsample_bilinear,
     encoder_reference_points,
 )
-from mask_former.modeling.transformer_decoder import PositionEmbeddingSine
+from mask_former.modeling.transformer_decoder import PositionEmbeddingSine, mask2former_decoder
 from mask_former.modeling.transformer_decoder.mask2former_decoder import (
     CachedPositionEmbeddingSine,
     attention_bias,
@@ -128,6 +130,20 @@ def test_initialisation_matches_published(golden):
         torch.testing.assert_close(value, initial, atol=1e-6, rtol=0, msg=key)
 
 
+def test_decoder_has_no_dropout_whatever_the_config_says(golden, monkeypatch):
+    # Published: MASK_FORMER.DROPOUT reaches the deformable pixel decoder only.
+    logged = []
+    monkeypatch.setattr(
+        mask2former_decoder, "log_first_n", lambda level, msg, **kw: logged.append((level, msg))
+    )
+    head = build_head(golden, **{"MODEL.MASK_FORMER.DROPOUT": 0.3})
+    decoder_p = {m.p for m in head.predictor.modules() if isinstance(m, torch.nn.Dropout)}
+    encoder_p = {m.p for m in head.pixel_decoder.modules() if isinstance(m, torch.nn.Dropout)}
+    assert decoder_p == {0.0} and encoder_p == {0.3}
+    assert [level for level, _ in logged] == [logging.WARNING]
+    assert "MODEL.MASK_FORMER.DROPOUT=0.3 is not read" in logged[0][1]
+
+
 @pytest.mark.parametrize("dec_layers", [1, 2, 4, 8])
 def test_layer_count_and_level_cycle_follow_dec_layers(golden, dec_layers):
     head = build_head(golden, **{"MODEL.MASK_FORMER.DEC_LAYERS": dec_layers}).eval()
@@ -234,6 +250,20 @@ def test_pixel_decoder_inference_equals_autograd_path(golden, batch):
     assert torch.equal(plain[0], tracked[0].detach())  # mask features
     for a, b in zip(plain[2], tracked[2]):
         assert torch.equal(a, b.detach())
+
+
+def test_pixel_decoder_runs_in_float32_under_autocast(golden):
+    """Published M2F configs train with AMP; the published pixel decoder turns autocast off, so
+    its outputs are float32 and equal the float32 computation (CPU bfloat16 autocast stands in
+    for CUDA's here)."""
+    decoder = build_head(golden).pixel_decoder.eval()
+    with torch.no_grad():
+        plain = decoder.forward_features(golden["features"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = decoder.forward_features(golden["features"])
+    for ours, ref in zip([autocast[0], autocast[1], *autocast[2]], [plain[0], plain[1], *plain[2]]):
+        assert ours.dtype == torch.float32
+        assert torch.equal(ours, ref)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -14,12 +14,14 @@ called with ``need_weights=True``, the published code path (see ``transformer.py
 """
 
 import contextlib
+import logging
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
 from detectron2.layers import Conv2d
+from detectron2.utils.logger import log_first_n
 from fvcore.nn import weight_init
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -258,9 +260,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             mask_dim (int): channels of ``mask_features``.
             enforce_input_project (bool): project the features with a 1x1 conv even when
                 ``in_channels == hidden_dim``.
-            dropout (float): dropout of the layers. The published decoder does not read
-                MASK_FORMER.DROPOUT (its layers have none); every published Mask2Former config
-                sets it to 0.
+            dropout (float): dropout of the layers; 0 when built from a config (the published
+                decoder does not read MASK_FORMER.DROPOUT: its layers have none).
             deep_supervision (bool): also return the earlier predictions (``aux_outputs``).
         """
         super().__init__()
@@ -320,6 +321,13 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 1 (the initial prediction counts as "
                 f"one), got {mf.DEC_LAYERS}"
             )
+        if mf.DROPOUT != 0:
+            log_first_n(
+                logging.WARNING,
+                f"MODEL.MASK_FORMER.DROPOUT={mf.DROPOUT} is not read by {cls.__name__} (as "
+                "published: its layers have no dropout); the pixel decoder still uses it.",
+                key="message",
+            )
         return {
             "in_channels": in_channels,
             "mask_classification": mask_classification,
@@ -334,7 +342,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "pre_norm": mf.PRE_NORM,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
             "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
-            "dropout": mf.DROPOUT,
+            # Published: the layers have no dropout whatever MASK_FORMER.DROPOUT says (the
+            # deformable pixel decoder does read it).
+            "dropout": 0.0,
             "deep_supervision": mf.DEEP_SUPERVISION,
         }
 
