@@ -67,8 +67,9 @@ def add_mask_former_config(cfg):
     # ---------------------------------------------------------------- MODEL.MASK_FORMER
     cfg.MODEL.MASK_FORMER = CN()
     # Which published behaviour to follow, "MaskFormer" or "Mask2Former" (criterion kind, panoptic
-    # pixel rule, sem_seg gating, resize before inference). "" (ours): derived from
-    # TRANSFORMER_DECODER_NAME (masked-attention decoder: Mask2Former, otherwise MaskFormer).
+    # pixel rule; sem_seg output and resize before inference follow the TEST flags in both
+    # families, README). "" (ours): derived from TRANSFORMER_DECODER_NAME (masked-attention
+    # decoder: Mask2Former, otherwise MaskFormer).
     cfg.MODEL.MASK_FORMER.FAMILY = ""
     # (ours) Channels-last memory layout for the convolutions: same results up to float rounding;
     # faster for MaskFormer on CPU, not for Mask2Former (README, Benchmarks). Off by default.

@@ -569,7 +569,8 @@ def test_build_augmentations_follows_the_config():
         ColorAugSSDTransform,
         T.RandomFlip,
     ]
-    assert augmentations[1].ignored_category == 3
+    # Published: the crop reads MODEL.SEM_SEG_HEAD.IGNORE_VALUE, not the dataset's ignore_label (3).
+    assert augmentations[1].ignored_category == cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE == 255
     assert type(build_augmentations(cfg, "instance")[1]) is T.RandomCrop
     cfg.INPUT.RANDOM_FLIP = "none"
     assert [type(a) for a in build_augmentations(cfg, "lsj")] == [T.ResizeScale, T.FixedSizeCrop]

@@ -91,11 +91,14 @@ def _resize_crop_color_flip(cfg, crop):
 
 
 def _semantic_augmentations(cfg):
+    # Published: the crop leaves out MODEL.SEM_SEG_HEAD.IGNORE_VALUE when it measures category
+    # areas, while the mapper pads and drops the dataset's ignore_label (the same value in every
+    # published config).
     crop = T.RandomCrop_CategoryAreaConstraint(
         cfg.INPUT.CROP.TYPE,
         cfg.INPUT.CROP.SIZE,
         cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
-        train_ignore_label(cfg),
+        cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
     )
     return _resize_crop_color_flip(cfg, crop)
 
