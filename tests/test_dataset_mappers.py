@@ -15,7 +15,7 @@ from detectron2.data import transforms as T
 from detectron2.data.datasets import load_coco_json, load_sem_seg
 from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 from detectron2.projects.point_rend import ColorAugSSDTransform
-from detectron2.structures import BitMasks
+from detectron2.structures import BitMasks, polygons_to_bitmask
 from panopticapi.utils import id2rgb, rgb2id
 from PIL import Image
 
@@ -497,12 +497,47 @@ def test_instance_lsj_filters_empty_and_adds_boxes(synthetic):
         instances = run_seeded(mapper, record, seed)["instances"]
         assert instances.image_size == (size, size)
         assert instances.gt_masks.shape[1:] == (size, size)
-        assert instances.gt_masks.flatten(1).any(1).all(), "empty masks must be filtered"
+        # (no polygon here leaves a sub-pixel sliver in these crops, which would stay a target)
+        assert instances.gt_masks.flatten(1).any(1).all(), "emptied instances must be dropped"
         boxes = BitMasks(instances.gt_masks).get_bounding_boxes().tensor
         assert torch.equal(instances.gt_boxes.tensor, boxes)
         assert set(instances.gt_classes.tolist()) <= {0, 1, 2, 3, 4}
         counts.add(len(instances))
     assert 5 in counts and min(counts) < 5, "large crops should drop some instances"
+
+
+def test_instance_lsj_drops_instances_as_published(synthetic):
+    """The published LSJ mapper filters instances on their polygons before rasterising: a polygon
+    sliver inside the crop that covers no pixel stays a target (empty mask); polygons that left
+    the crop are dropped; RLE masks are dropped when the crop empties them."""
+    crop = T.CropTransform(0, 0, W // 2, H)  # the left half
+    sliver = [[2.1, 2.1, 2.4, 2.1, 2.1, 2.4]]
+    assert not polygons_to_bitmask(sliver, H, W // 2).any()  # the premise: no pixel covered
+    right_half = np.zeros((H, W), np.uint8)
+    right_half[5:20, 40:50] = 1
+    annotations = [
+        {"category_id": 1, "iscrowd": 0, "segmentation": [[2.0, 2, 20, 2, 20, 20, 2, 20]]},
+        {"category_id": 2, "iscrowd": 0, "segmentation": [[40.0, 2, 50, 2, 50, 20, 40, 20]]},
+        {"category_id": 3, "iscrowd": 0, "segmentation": sliver},
+        {
+            "category_id": 4,
+            "iscrowd": 0,
+            "segmentation": mask_util.encode(np.asfortranarray(right_half)),
+        },
+    ]
+    record = {"file_name": synthetic["paths"]["image"], "annotations": annotations}
+    mapper = COCOInstanceNewBaselineDatasetMapper(
+        augmentations=[crop],
+        image_format="RGB",
+        size_divisibility=-1,
+        ignore_label=255,
+        num_classes=5,
+    )
+    instances = mapper(record)["instances"]
+    assert instances.gt_classes.tolist() == [1, 3]
+    assert instances.gt_masks.shape == (2, H, W // 2)
+    assert instances.gt_masks[0].sum() > 0 and instances.gt_masks[1].sum() == 0
+    assert instances.gt_boxes.tensor.shape == (2, 4)
 
 
 def test_shapes_records_in_the_three_formats(shapes_records):

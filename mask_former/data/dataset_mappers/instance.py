@@ -1,8 +1,9 @@
 """Instance segmentation mappers: one mask per non-crowd COCO annotation."""
 
+import logging
+
 import numpy as np
 import pycocotools.mask as mask_util
-from detectron2.data import detection_utils as utils
 from detectron2.structures import BitMasks, polygons_to_bitmask
 
 from .base import MaskFormerBaseDatasetMapper
@@ -10,8 +11,20 @@ from .base import MaskFormerBaseDatasetMapper
 __all__ = [
     "COCOInstanceNewBaselineDatasetMapper",
     "MaskFormerInstanceDatasetMapper",
+    "polygons_nonempty",
     "segmentation_to_mask",
+    "transform_polygons",
 ]
+
+logger = logging.getLogger(__name__)
+
+
+def transform_polygons(polygons, transforms):
+    """A COCO polygon list in the augmented image (crops clip them; a polygon that leaves the
+    crop entirely is dropped, so the list can come back empty), as detectron2's
+    ``transform_instance_annotations`` does."""
+    polygons = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in polygons]
+    return [p.reshape(-1) for p in transforms.apply_polygons(polygons)]
 
 
 def segmentation_to_mask(segmentation, transforms, input_size, output_size):
@@ -29,9 +42,7 @@ def segmentation_to_mask(segmentation, transforms, input_size, output_size):
     """
     if isinstance(segmentation, list):
         # Polygons are transformed as coordinates and rasterised at the output size (as published).
-        polygons = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in segmentation]
-        polygons = [p.reshape(-1) for p in transforms.apply_polygons(polygons)]
-        return polygons_to_bitmask(polygons, *output_size)
+        return _rasterise(transform_polygons(segmentation, transforms), output_size)
     if isinstance(segmentation, dict):
         if isinstance(segmentation["counts"], list):  # uncompressed RLE
             segmentation = mask_util.frPyObjects(segmentation, *segmentation["size"])
@@ -48,6 +59,23 @@ def segmentation_to_mask(segmentation, transforms, input_size, output_size):
     mask = transforms.apply_segmentation((segmentation != 0).astype(np.uint8))
     # Padding augmentations fill segmentations with 0 or 255 depending on the detectron2 version.
     return mask == 1
+
+
+def _rasterise(polygons, output_size):
+    if not polygons:
+        return np.zeros(output_size, dtype=bool)
+    return polygons_to_bitmask(polygons, *output_size)
+
+
+def polygons_nonempty(polygons) -> bool:
+    """Whether detectron2's ``filter_empty_instances`` keeps an instance with these (augmented)
+    polygons: at least one polygon, and a polygon bounding box wider and taller than 1e-5."""
+    if not polygons:
+        return False
+    points = np.concatenate([p.reshape(-1, 2) for p in polygons]).astype(np.float32)
+    # PolygonMasks.get_bounding_boxes: the upper corner starts at 0, not at -inf.
+    width, height = np.maximum(points.max(0), 0) - points.min(0)
+    return bool(width > 1e-5 and height > 1e-5)
 
 
 class MaskFormerInstanceDatasetMapper(MaskFormerBaseDatasetMapper):
@@ -74,10 +102,22 @@ class MaskFormerInstanceDatasetMapper(MaskFormerBaseDatasetMapper):
         for annotation in annotations:
             if "segmentation" not in annotation:
                 raise ValueError(f"An annotation of {file_name} has no 'segmentation'")
-            classes.append(int(annotation["category_id"]))
             segmentation = annotation["segmentation"]
-            masks.append(segmentation_to_mask(segmentation, transforms, input_size, output_size))
+            mask = self._target_mask(segmentation, transforms, input_size, output_size)
+            if mask is None:
+                continue
+            classes.append(int(annotation["category_id"]))
+            masks.append(mask)
+        if len(classes) < len(annotations):
+            logger.debug(
+                f"{file_name}: {len(annotations) - len(classes)} of {len(annotations)} instances "
+                "are empty after augmentation and were dropped"
+            )
         return classes, masks
+
+    def _target_mask(self, segmentation, transforms, input_size, output_size):
+        """The [h, w] bool mask of one annotation, or None to drop it (never here)."""
+        return segmentation_to_mask(segmentation, transforms, input_size, output_size)
 
 
 class COCOInstanceNewBaselineDatasetMapper(MaskFormerInstanceDatasetMapper):
@@ -87,11 +127,18 @@ class COCOInstanceNewBaselineDatasetMapper(MaskFormerInstanceDatasetMapper):
 
     augmentation_kind = "lsj"
 
+    def _target_mask(self, segmentation, transforms, input_size, output_size):
+        """Drops the instances that the augmentation emptied, decided as published: on the
+        polygons before rasterising (``filter_empty_instances`` of their ``PolygonMasks``), so a
+        sliver that rasterises to no pixel stays a target; on the mask for RLE and arrays."""
+        if isinstance(segmentation, list):
+            polygons = transform_polygons(segmentation, transforms)
+            return _rasterise(polygons, output_size) if polygons_nonempty(polygons) else None
+        mask = segmentation_to_mask(segmentation, transforms, input_size, output_size)
+        return mask if mask.any() else None
+
     def finalize_instances(self, instances):
-        """Adds ``gt_boxes`` [n, 4] and filters empty instances (``filter_empty_instances``)."""
-        masks = BitMasks(instances.gt_masks)
-        instances.gt_boxes = masks.get_bounding_boxes()
-        instances.gt_masks = masks
-        instances = utils.filter_empty_instances(instances)
-        instances.gt_masks = instances.gt_masks.tensor
+        """Adds ``gt_boxes`` [n, 4], the boxes of the masks (the published ones are the polygons'
+        boxes; training does not read them)."""
+        instances.gt_boxes = BitMasks(instances.gt_masks).get_bounding_boxes()
         return instances
