@@ -396,6 +396,64 @@ def test_module_logs_choice_once_and_warns(caplog, monkeypatch):
     assert any("not a power of 2" in r.getMessage() for r in caplog.records)
 
 
+def test_auto_falls_back_when_the_triton_kernel_cannot_launch(caplog, monkeypatch):
+    # E.g. no host C compiler for triton's launcher (slim images): "auto" warns and runs the
+    # grid_sample core for that device and dtype from then on; impl="triton" would raise.
+    calls = []
+
+    def broken_core(*args):
+        calls.append(args)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC")
+
+    monkeypatch.setattr(msda_module, "_TRITON_WORKS", set())
+    monkeypatch.setattr(msda_module, "_TRITON_FAILED", {})
+    monkeypatch.setattr(msda_module, "_import_triton_impl", lambda: (broken_core, None))
+    monkeypatch.setattr(msda_module, "_triton_interpreter_on", lambda: True)
+    module = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1)
+    args = (torch.randn(1, 2, 8), torch.rand(1, 2, 1, 2), torch.randn(1, 6, 8))
+    shapes = (torch.tensor([[2, 3]]), torch.tensor([0]))
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        outputs = [module(*args, *shapes) for _ in range(3)]
+    assert len(calls) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "Failed to find C compiler" in warnings[0]
+    module.impl = "pytorch"
+    expected = module(*args, *shapes)
+    for output in outputs:
+        assert torch.equal(output, expected)
+    module.impl = "triton"
+    with pytest.raises(RuntimeError, match="C compiler"):
+        module(*args, *shapes)
+
+
+def test_auto_triton_errors_after_a_first_success_and_out_of_memory_propagate(monkeypatch):
+    outcomes = [None, RuntimeError("illegal memory access")]
+
+    def flaky_core(value, spatial_shapes, sampling_locations, attention_weights):
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+        return msda_module.ms_deform_attn_core_pytorch(
+            value, spatial_shapes, sampling_locations, attention_weights
+        )
+
+    monkeypatch.setattr(msda_module, "_TRITON_WORKS", set())
+    monkeypatch.setattr(msda_module, "_TRITON_FAILED", {})
+    monkeypatch.setattr(msda_module, "_import_triton_impl", lambda: (flaky_core, None))
+    monkeypatch.setattr(msda_module, "_triton_interpreter_on", lambda: True)
+    module = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1)
+    args = (torch.randn(1, 2, 8), torch.rand(1, 2, 1, 2), torch.randn(1, 6, 8))
+    shapes = (torch.tensor([[2, 3]]), torch.tensor([0]))
+    module(*args, *shapes)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        module(*args, *shapes)
+    monkeypatch.setattr(msda_module, "_TRITON_WORKS", set())
+    outcomes.append(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        module(*args, *shapes)
+    assert not msda_module._TRITON_FAILED
+
+
 # --------------------------------------------------------------------------------------------
 # Triton: the interpreter on CPU (in a subprocess, since TRITON_INTERPRET is read when triton
 # is imported)

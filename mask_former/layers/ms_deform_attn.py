@@ -64,6 +64,9 @@ _FLOAT_EXACT_ROWS = 2**24
 
 # Decisions already logged by ``_select_impl`` (each one is logged once per process).
 _LOGGED_CHOICES = set()
+# (device, dtype) where the Triton kernel has run, or failed on its first launch ("auto").
+_TRITON_WORKS = set()
+_TRITON_FAILED = {}
 
 
 def _shape_list(spatial_shapes: Union[Tensor, Sequence[Sequence[int]]]) -> List[List[int]]:
@@ -469,8 +472,10 @@ def _select_impl(impl: str, value: Tensor):
         if triton_core is None:
             _log_choice_once("pytorch", f"triton is not importable ({error!r})")
             return ms_deform_attn_core_pytorch
+        if (value.device, value.dtype) in _TRITON_FAILED:
+            return ms_deform_attn_core_pytorch
         _log_choice_once("triton", f"tensors on {value.device.type} and triton imports")
-        return triton_core
+        return functools.partial(_triton_or_fallback, triton_core)
     if triton_core is None:
         raise RuntimeError(f"impl='triton' but triton is not importable: {error!r}") from error
     if not runs_triton:
@@ -479,6 +484,33 @@ def _select_impl(impl: str, value: Tensor):
         )
     _log_choice_once("triton", f"requested (impl='triton'), tensors on {value.device.type}")
     return triton_core
+
+
+def _triton_or_fallback(triton_core, value, spatial_shapes, sampling_locations, attention_weights):
+    """The Triton core for "auto"; if its first launch for a device and dtype fails (triton builds
+    each kernel's launcher with a host C compiler, which slim images lack; or no driver, an
+    unsupported GPU, ...), logs a warning and runs the grid_sample core for that device and dtype
+    from then on. Once a launch succeeded, errors propagate. Out-of-memory errors always do."""
+    key = (value.device, value.dtype)
+    args = (value, spatial_shapes, sampling_locations, attention_weights)
+    if key in _TRITON_WORKS:
+        return triton_core(*args)
+    try:
+        output = triton_core(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:
+        _TRITON_FAILED[key] = error
+        logger.warning(
+            "MSDeformAttn: the Triton kernel failed on its first launch on %s (%s); using the "
+            "grid_sample implementation there from now on (same results, slower; pass "
+            "impl='triton' to see the error raised)",
+            value.device,
+            f"{type(error).__name__}: {error}",
+        )
+        return ms_deform_attn_core_pytorch(*args)
+    _TRITON_WORKS.add(key)
+    return output
 
 
 class MSDeformAttn(nn.Module):

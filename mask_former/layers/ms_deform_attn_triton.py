@@ -21,6 +21,7 @@ Kernel blocks: a program handles ``BLOCK_Q`` rows of the flattened (n, q) axis f
 all ``D`` channels (padded to ``BLOCK_D``, a power of 2).
 """
 
+import contextlib
 import logging
 
 import torch
@@ -241,6 +242,12 @@ def _launch_config(num_rows: int, head_dim: int, tile: int):
     return block_q, block_d
 
 
+def _on_device_of(tensor: Tensor):
+    """Makes the tensor's GPU the current one: triton launches on the current device, whatever
+    device the pointers belong to. A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _compute_dtype(value: Tensor):
     """float64 inputs are computed in float64, everything else in float32."""
     return tl.float64 if value.dtype == torch.float64 else tl.float32
@@ -259,25 +266,26 @@ class _MSDeformAttnTritonFunction(torch.autograd.Function):
         output = value.new_empty(n, num_queries, num_heads * head_dim)
         block_q, block_d = _launch_config(num_rows, head_dim, _FORWARD_TILE)
         grid = (triton.cdiv(num_rows, block_q), num_heads)
-        _ms_deform_attn_forward_kernel[grid](
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            output,
-            num_rows,
-            num_queries,
-            num_keys,
-            num_heads,
-            head_dim,
-            NUM_LEVELS=num_levels,
-            NUM_POINTS=num_points,
-            BLOCK_Q=block_q,
-            BLOCK_D=block_d,
-            COMPUTE_DTYPE=_compute_dtype(value),
-            num_warps=_NUM_WARPS,
-        )
+        with _on_device_of(value):
+            _ms_deform_attn_forward_kernel[grid](
+                value,
+                spatial_shapes,
+                level_start_index,
+                sampling_locations,
+                attention_weights,
+                output,
+                num_rows,
+                num_queries,
+                num_keys,
+                num_heads,
+                head_dim,
+                NUM_LEVELS=num_levels,
+                NUM_POINTS=num_points,
+                BLOCK_Q=block_q,
+                BLOCK_D=block_d,
+                COMPUTE_DTYPE=_compute_dtype(value),
+                num_warps=_NUM_WARPS,
+            )
         ctx.save_for_backward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
@@ -297,28 +305,29 @@ class _MSDeformAttnTritonFunction(torch.autograd.Function):
         grad_attn = torch.empty(weights.shape, dtype=compute, device=value.device)
         block_q, block_d = _launch_config(num_rows, head_dim, _BACKWARD_TILE)
         grid = (triton.cdiv(num_rows, block_q), num_heads)
-        _ms_deform_attn_backward_kernel[grid](
-            value,
-            spatial_shapes,
-            level_start_index,
-            locations,
-            weights,
-            grad_output.contiguous(),
-            grad_value,
-            grad_loc,
-            grad_attn,
-            num_rows,
-            num_queries,
-            num_keys,
-            num_heads,
-            head_dim,
-            NUM_LEVELS=num_levels,
-            NUM_POINTS=num_points,
-            BLOCK_Q=block_q,
-            BLOCK_D=block_d,
-            COMPUTE_DTYPE=_compute_dtype(value),
-            num_warps=_NUM_WARPS,
-        )
+        with _on_device_of(value):
+            _ms_deform_attn_backward_kernel[grid](
+                value,
+                spatial_shapes,
+                level_start_index,
+                locations,
+                weights,
+                grad_output.contiguous(),
+                grad_value,
+                grad_loc,
+                grad_attn,
+                num_rows,
+                num_queries,
+                num_keys,
+                num_heads,
+                head_dim,
+                NUM_LEVELS=num_levels,
+                NUM_POINTS=num_points,
+                BLOCK_Q=block_q,
+                BLOCK_D=block_d,
+                COMPUTE_DTYPE=_compute_dtype(value),
+                num_warps=_NUM_WARPS,
+            )
         return (
             grad_value.to(value.dtype),
             None,
