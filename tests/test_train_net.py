@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ from torch import nn
 from mask_former import add_mask_former_config
 from mask_former.data.datasets import shapes
 from mask_former.engine import amp_enabled, build_step_trainer
-from mask_former.engine.defaults import LeanSimpleTrainer
+from mask_former.engine.defaults import LeanAMPTrainer, LeanSimpleTrainer
 from mask_former.engine.optimizer import NORM_MODULE_TYPES
 from mask_former.evaluation import EVALUATORS, InstanceSegEvaluator, build_evaluator
 from mask_former.evaluation import build as evaluation_build
@@ -223,6 +224,27 @@ def test_amp_is_skipped_on_cpu(caplog):
     cfg.SOLVER.AMP.ENABLED = False
     caplog.clear()
     assert not amp_enabled(cfg) and not caplog.records
+
+
+def test_amp_trainer_resumes_a_checkpoint_saved_without_amp(caplog):
+    # A published M2F config (AMP on) started on CPU, where AMP is skipped, resumed on a GPU.
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    plain = LeanSimpleTrainer(model, [], optimizer)
+    plain.iter = 7
+    state = plain.state_dict()
+    assert "grad_scaler" not in state
+    amp = LeanAMPTrainer(model, [], torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9))
+    with caplog.at_level(logging.WARNING, logger="mask_former.engine.defaults"):
+        amp.load_state_dict(state)
+    assert amp.iter == 7
+    assert amp.optimizer.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert any("no AMP grad-scaler state" in r.getMessage() for r in caplog.records)
+    # With a scaler state it is read as detectron2 does (the real scaler is disabled on CPU).
+    loaded = []
+    amp.grad_scaler = SimpleNamespace(load_state_dict=loaded.append, state_dict=dict)
+    amp.load_state_dict(dict(state, grad_scaler={"scale": 1024.0}))
+    assert loaded == [{"scale": 1024.0}]
 
 
 def test_step_trainer_frees_gradients_after_the_step():

@@ -98,7 +98,19 @@ class LeanSimpleTrainer(_ReleaseGradientsAfterStep, SimpleTrainer):
 
 
 class LeanAMPTrainer(_ReleaseGradientsAfterStep, AMPTrainer):
-    """detectron2's ``AMPTrainer`` that frees the gradients after the optimizer step."""
+    """detectron2's ``AMPTrainer`` that frees the gradients after the optimizer step, and that
+    resumes from a checkpoint written without AMP (e.g. a run started on CPU, where AMP is
+    skipped): its trainer state has no grad-scaler state, and the scaler then starts afresh."""
+
+    def load_state_dict(self, state_dict):
+        if "grad_scaler" in state_dict:
+            super().load_state_dict(state_dict)
+            return
+        logger.warning(
+            "The checkpoint's trainer state has no AMP grad-scaler state (it was saved without "
+            "AMP); the grad scaler starts afresh"
+        )
+        SimpleTrainer.load_state_dict(self, state_dict)
 
 
 def build_step_trainer(cfg, model, data_loader, optimizer):
