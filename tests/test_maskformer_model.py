@@ -8,6 +8,8 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 
+from mask_former.modeling.meta_arch import mask_former_model as model_module
+
 METADATA_NAME = "mask_former_test_tiny"
 MetadataCatalog.get(METADATA_NAME).set(thing_dataset_id_to_contiguous_id={1: 1, 2: 2, 3: 3})
 
@@ -59,6 +61,38 @@ def test_tiny_model_inference_matches_published(one_thread):
         assert "instances" not in ours
     # the second image asks for 100x140, twice its own size
     assert outputs[1]["sem_seg"].shape == (5, 100, 140)
+
+
+@pytest.mark.parametrize(
+    "step", ["resize_to_output", "semantic_inference", "panoptic_inference", "instance_inference"]
+)
+def test_inference_steps_retry_after_cuda_out_of_memory(monkeypatch, step):
+    # As published: a CUDA OOM in a step at the output size is retried (detectron2's
+    # retry_if_cuda_oom: after emptying the cache, then on CPU copies); the results are the same.
+    golden = load_golden("maskformer_tiny_model.pt")
+    model = golden_model(golden).eval()
+    model.instance_on = model.sem_seg_postprocess_before_inference = True
+    inputs = [dict(x) for x in golden["inputs"]]
+    with torch.no_grad():
+        expected = model(inputs)
+    real, failures = getattr(model_module, step), []
+
+    def out_of_memory_once(*args, **kwargs):
+        if not failures:
+            failures.append(step)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, step, out_of_memory_once)
+    with torch.no_grad():
+        outputs = model(inputs)
+    assert failures == [step]
+    for ours, ref in zip(outputs, expected):
+        assert torch.equal(ours["sem_seg"], ref["sem_seg"])
+        assert torch.equal(ours["panoptic_seg"][0], ref["panoptic_seg"][0])
+        assert ours["panoptic_seg"][1] == ref["panoptic_seg"][1]
+        assert torch.equal(ours["instances"].pred_masks, ref["instances"].pred_masks)
+        assert torch.equal(ours["instances"].scores, ref["instances"].scores)
 
 
 def test_tiny_model_training_losses_match_published(one_thread):

@@ -9,6 +9,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList
+from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 from torch.nn import functional as F
 
@@ -272,20 +273,22 @@ class MaskFormer(nn.Module):
         Returns:
             dict: ``sem_seg``, ``panoptic_seg``, ``instances`` as enabled.
         """
+        # As published, each step that holds [Q, H, W] maps at the output size retries on the
+        # CPU when CUDA runs out of memory (large outputs, e.g. Mapillary at full resolution).
         result = {}
         if self.sem_seg_postprocess_before_inference:
-            mask_pred = resize_to_output(mask_pred, image_size, height, width)
+            mask_pred = retry_if_cuda_oom(resize_to_output)(mask_pred, image_size, height, width)
         else:
             # Semantic inference is per pixel: crop the padding off before it, not after.
             mask_pred = mask_pred[:, : image_size[0], : image_size[1]]
         mask_cls = mask_cls.to(mask_pred)
         if self.semantic_on:
-            sem_seg = semantic_inference(mask_cls, mask_pred)
+            sem_seg = retry_if_cuda_oom(semantic_inference)(mask_cls, mask_pred)
             if not self.sem_seg_postprocess_before_inference:
-                sem_seg = resize_to_output(sem_seg, image_size, height, width)
+                sem_seg = retry_if_cuda_oom(resize_to_output)(sem_seg, image_size, height, width)
             result["sem_seg"] = sem_seg
         if self.panoptic_on:
-            result["panoptic_seg"] = panoptic_inference(
+            result["panoptic_seg"] = retry_if_cuda_oom(panoptic_inference)(
                 mask_cls,
                 mask_pred,
                 num_classes=self.num_classes,
@@ -295,7 +298,7 @@ class MaskFormer(nn.Module):
                 mask_threshold_pixels=self.panoptic_mask_threshold_pixels,
             )
         if self.instance_on:
-            result["instances"] = instance_inference(
+            result["instances"] = retry_if_cuda_oom(instance_inference)(
                 mask_cls,
                 mask_pred,
                 num_classes=self.num_classes,
