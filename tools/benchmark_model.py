@@ -107,7 +107,7 @@ def count_flops(model, inputs):
 
 def synchronize(device):
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 def time_calls(fn, device, warmup, iters):
@@ -125,7 +125,7 @@ def time_calls(fn, device, warmup, iters):
 
 def peak_memory_mb(device):
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
@@ -136,6 +136,8 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = setup_cfg(args)
+    if args.device.startswith("cuda") and torch.device(args.device).index is not None:
+        torch.cuda.set_device(torch.device(args.device))  # e.g. cuda:1: kernels launch there
     height, width = (int(s) for s in args.size.lower().split("x"))
     model = build_model(cfg)
     inputs = make_inputs(cfg, height, width, args.batch, args.num_gt)
@@ -150,6 +152,9 @@ def main(argv=None):
         print(f"FLOPs (fvcore, per batch): {count_flops(model, inputs) / 1e9:.2f} G")
 
     autocast = torch.autocast("cuda", enabled=args.amp and args.device.startswith("cuda"))
+    if args.device.startswith("cuda"):
+        # The FLOP count's trace ran in float32: measure inference alone.
+        torch.cuda.reset_peak_memory_stats(torch.device(args.device))
 
     def forward():
         with torch.no_grad(), autocast:
