@@ -396,6 +396,18 @@ def test_module_logs_choice_once_and_warns(caplog, monkeypatch):
     assert any("not a power of 2" in r.getMessage() for r in caplog.records)
 
 
+def module_with_triton_core(monkeypatch, core):
+    """A small "auto" module whose Triton core is ``core`` (on CPU: as under the interpreter),
+    with a fresh record of where the kernel worked or failed; returns it and its inputs."""
+    monkeypatch.setattr(msda_module, "_TRITON_WORKS", set())
+    monkeypatch.setattr(msda_module, "_TRITON_FAILED", {})
+    monkeypatch.setattr(msda_module, "_import_triton_impl", lambda: (core, None))
+    monkeypatch.setattr(msda_module, "_triton_interpreter_on", lambda: True)
+    module = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1)
+    args = (torch.randn(1, 2, 8), torch.rand(1, 2, 1, 2), torch.randn(1, 6, 8))
+    return module, args, (torch.tensor([[2, 3]]), torch.tensor([0]))
+
+
 def test_auto_falls_back_when_the_triton_kernel_cannot_launch(caplog, monkeypatch):
     # E.g. no host C compiler for triton's launcher (slim images): "auto" warns and runs the
     # grid_sample core for that device and dtype from then on; impl="triton" would raise.
@@ -405,13 +417,7 @@ def test_auto_falls_back_when_the_triton_kernel_cannot_launch(caplog, monkeypatc
         calls.append(args)
         raise RuntimeError("Failed to find C compiler. Please specify via CC")
 
-    monkeypatch.setattr(msda_module, "_TRITON_WORKS", set())
-    monkeypatch.setattr(msda_module, "_TRITON_FAILED", {})
-    monkeypatch.setattr(msda_module, "_import_triton_impl", lambda: (broken_core, None))
-    monkeypatch.setattr(msda_module, "_triton_interpreter_on", lambda: True)
-    module = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1)
-    args = (torch.randn(1, 2, 8), torch.rand(1, 2, 1, 2), torch.randn(1, 6, 8))
-    shapes = (torch.tensor([[2, 3]]), torch.tensor([0]))
+    module, args, shapes = module_with_triton_core(monkeypatch, broken_core)
     with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
         outputs = [module(*args, *shapes) for _ in range(3)]
     assert len(calls) == 1
@@ -437,13 +443,7 @@ def test_auto_triton_errors_after_a_first_success_and_out_of_memory_propagate(mo
             value, spatial_shapes, sampling_locations, attention_weights
         )
 
-    monkeypatch.setattr(msda_module, "_TRITON_WORKS", set())
-    monkeypatch.setattr(msda_module, "_TRITON_FAILED", {})
-    monkeypatch.setattr(msda_module, "_import_triton_impl", lambda: (flaky_core, None))
-    monkeypatch.setattr(msda_module, "_triton_interpreter_on", lambda: True)
-    module = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1)
-    args = (torch.randn(1, 2, 8), torch.rand(1, 2, 1, 2), torch.randn(1, 6, 8))
-    shapes = (torch.tensor([[2, 3]]), torch.tensor([0]))
+    module, args, shapes = module_with_triton_core(monkeypatch, flaky_core)
     module(*args, *shapes)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         module(*args, *shapes)

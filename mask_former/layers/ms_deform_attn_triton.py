@@ -253,6 +253,35 @@ def _compute_dtype(value: Tensor):
     return tl.float64 if value.dtype == torch.float64 else tl.float32
 
 
+def _launch(kernel, tile, value, locations, *tensors):
+    """Launches ``kernel`` on the GPU of ``value`` over the flattened (n, q) rows and the heads.
+
+    ``tensors`` are the kernel's tensor arguments after ``value``; the sizes and the block
+    configuration follow them as the two kernels expect.
+    """
+    n, num_keys, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = locations.shape
+    num_rows = n * num_queries
+    block_q, block_d = _launch_config(num_rows, head_dim, tile)
+    grid = (triton.cdiv(num_rows, block_q), num_heads)
+    with _on_device_of(value):
+        kernel[grid](
+            value,
+            *tensors,
+            num_rows,
+            num_queries,
+            num_keys,
+            num_heads,
+            head_dim,
+            NUM_LEVELS=num_levels,
+            NUM_POINTS=num_points,
+            BLOCK_Q=block_q,
+            BLOCK_D=block_d,
+            COMPUTE_DTYPE=_compute_dtype(value),
+            num_warps=_NUM_WARPS,
+        )
+
+
 class _MSDeformAttnTritonFunction(torch.autograd.Function):
     """Autograd wrapper of the two kernels; inputs are contiguous and validated by the caller."""
 
@@ -260,32 +289,19 @@ class _MSDeformAttnTritonFunction(torch.autograd.Function):
     def forward(
         ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     ):
-        n, num_keys, num_heads, head_dim = value.shape
-        _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-        num_rows = n * num_queries
-        output = value.new_empty(n, num_queries, num_heads * head_dim)
-        block_q, block_d = _launch_config(num_rows, head_dim, _FORWARD_TILE)
-        grid = (triton.cdiv(num_rows, block_q), num_heads)
-        with _on_device_of(value):
-            _ms_deform_attn_forward_kernel[grid](
-                value,
-                spatial_shapes,
-                level_start_index,
-                sampling_locations,
-                attention_weights,
-                output,
-                num_rows,
-                num_queries,
-                num_keys,
-                num_heads,
-                head_dim,
-                NUM_LEVELS=num_levels,
-                NUM_POINTS=num_points,
-                BLOCK_Q=block_q,
-                BLOCK_D=block_d,
-                COMPUTE_DTYPE=_compute_dtype(value),
-                num_warps=_NUM_WARPS,
-            )
+        n, _, num_heads, head_dim = value.shape
+        output = value.new_empty(n, sampling_locations.shape[1], num_heads * head_dim)
+        _launch(
+            _ms_deform_attn_forward_kernel,
+            _FORWARD_TILE,
+            value,
+            sampling_locations,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            output,
+        )
         ctx.save_for_backward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
@@ -295,39 +311,25 @@ class _MSDeformAttnTritonFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
-        n, num_keys, num_heads, head_dim = value.shape
-        _, num_queries, _, num_levels, num_points, _ = locations.shape
-        num_rows = n * num_queries
         compute = torch.float64 if value.dtype == torch.float64 else torch.float32
         # Accumulated in the compute dtype (atomics in half precision would lose too much).
         grad_value = torch.zeros(value.shape, dtype=compute, device=value.device)
         grad_loc = torch.empty(locations.shape, dtype=compute, device=value.device)
         grad_attn = torch.empty(weights.shape, dtype=compute, device=value.device)
-        block_q, block_d = _launch_config(num_rows, head_dim, _BACKWARD_TILE)
-        grid = (triton.cdiv(num_rows, block_q), num_heads)
-        with _on_device_of(value):
-            _ms_deform_attn_backward_kernel[grid](
-                value,
-                spatial_shapes,
-                level_start_index,
-                locations,
-                weights,
-                grad_output.contiguous(),
-                grad_value,
-                grad_loc,
-                grad_attn,
-                num_rows,
-                num_queries,
-                num_keys,
-                num_heads,
-                head_dim,
-                NUM_LEVELS=num_levels,
-                NUM_POINTS=num_points,
-                BLOCK_Q=block_q,
-                BLOCK_D=block_d,
-                COMPUTE_DTYPE=_compute_dtype(value),
-                num_warps=_NUM_WARPS,
-            )
+        _launch(
+            _ms_deform_attn_backward_kernel,
+            _BACKWARD_TILE,
+            value,
+            locations,
+            spatial_shapes,
+            level_start_index,
+            locations,
+            weights,
+            grad_output.contiguous(),
+            grad_value,
+            grad_loc,
+            grad_attn,
+        )
         return (
             grad_value.to(value.dtype),
             None,
