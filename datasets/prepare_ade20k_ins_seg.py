@@ -43,7 +43,8 @@ def instance_annotations(annotation, image_id, first_id):
     """COCO annotations of the instances of one ``annotations_instance`` PNG.
 
     Args:
-        annotation (np.ndarray): [H, W, 3] uint8 (R class plus one, G instance id).
+        annotation (np.ndarray): [H, W, 3] uint8 (R the instance class 1..100, G the instance id;
+            see ``decode_ade20k_instances``).
         image_id (int): the image's id.
         first_id (int): id of the first annotation.
 

@@ -4,8 +4,10 @@ annotations of ADEChallengeData2016.
 
 Input, under ``--root`` (default ``$DETECTRON2_DATASETS``, else "datasets"):
 ``ADEChallengeData2016/annotations/{training,validation}/*.png`` (semantic: 0 "other", 1..150 the
-classes) and ``annotations_instance/{training,validation}/*.png`` (R: class plus one, G: instance
-id; from the SceneParsing instance annotations download).
+classes) and ``annotations_instance/{training,validation}/*.png`` (R: the instance challenge's
+class, 1..100, G: instance id; from the SceneParsing instance annotations download). Instance
+class k is the k-th of the 100 ADE20K instance categories, as in the published mapping file
+``ade20k_instance_catid_mapping.txt`` (1 "bed" is ADE20K-150 id 7).
 
 Output: ``ADEChallengeData2016/ade20k_panoptic_{train,val}/*.png`` (segment ids encoded as RGB,
 0 = void) and ``ade20k_panoptic_{train,val}.json`` (images, annotations, categories). Category ids

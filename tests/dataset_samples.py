@@ -49,14 +49,15 @@ def _rgb(red, green):
 ADE_VAL1_SEMANTIC = np.array(
     [[0, 1, 1, 1, 1, 1, 1, 1]] + [[1] * 8] + [[4, 4, 4, 4, 8, 8, 8, 8]] * 4, np.uint8
 )
-# Instances (R class + 1, G instance id): a bed (G 1) on rows 2-5, columns 4-6 (column 7 stays
-# bed in the semantic map only); a person (R 13, G 2) over the wall at rows 0-1, columns 6-7; and
-# a "wall" instance (G 3, not a thing) at (5, 0).
+# Instances (R the instance class, G the instance id): a bed (G 1) on rows 2-5, columns 4-6
+# (column 7 stays bed in the semantic map only); a person (G 2) over the wall at rows 0-1,
+# columns 6-7; and an instance without a class (G 3) at (5, 0).
 _ADE_CLASSES = np.zeros((6, 8), np.uint8)
 _ADE_IDS = np.zeros((6, 8), np.uint8)
-_ADE_CLASSES[2:, 4:7], _ADE_IDS[2:, 4:7] = 8, 1
-_ADE_CLASSES[:2, 6:], _ADE_IDS[:2, 6:] = 13, 2
-_ADE_CLASSES[5, 0], _ADE_IDS[5, 0] = 1, 3
+# R: the instance challenge's classes 1 "bed" (ADE20K-150 id 7) and 4 "person" (id 12).
+_ADE_CLASSES[2:, 4:7], _ADE_IDS[2:, 4:7] = 1, 1
+_ADE_CLASSES[:2, 6:], _ADE_IDS[:2, 6:] = 4, 2
+_ADE_CLASSES[5, 0], _ADE_IDS[5, 0] = 0, 3
 ADE_VAL1_INSTANCES = _rgb(_ADE_CLASSES, _ADE_IDS)
 
 

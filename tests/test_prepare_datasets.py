@@ -14,6 +14,7 @@ from dataset_samples import (
     COCO_SAMPLE,
     COCO_STUFF_LABELS,
     COCO_STUFF_NAMES,
+    _rgb,
     load_prepare_script,
     write_ade20k,
     write_ade20k_full,
@@ -24,6 +25,7 @@ from dataset_samples import (
 from panopticapi.utils import id2rgb, rgb2id
 from PIL import Image
 
+from mask_former.data.datasets.ade20k import ADE20K_INSTANCE_CATEGORIES, decode_ade20k_instances
 from mask_former.data.datasets.registration import DatasetNotPreparedError
 
 IGNORE = 255
@@ -142,7 +144,7 @@ def test_prepare_ade20k_full_sem_seg_missing_index(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 # (id, category, area, bbox) of ADE_val_00000001: wall and floor from the semantic map (stuff
-# first), then the bed and the person instances; the wall "instance" is not a thing.
+# first), then the bed and the person instances; the instance without a class is dropped.
 ADE_VAL1_SEGMENTS = [
     (1, 0, 11, [0, 0, 6, 2]),
     (2, 3, 16, [0, 2, 4, 4]),
@@ -217,6 +219,17 @@ def test_prepare_ade20k_ins_seg(tmp_path):
     assert np.array_equal(mask_util.decode(bed["segmentation"]), expected_bed)
     train = _read_json(os.path.join(ade, "ade20k_instance_train.json"))
     assert train["annotations"] == [] and train["images"][0]["id"] == 1
+
+
+def test_ade20k_instance_classes_are_the_instance_challenge_ids():
+    # R k is the k-th of the 100 instance categories (the published mapping file), not a
+    # 1-based ADE20K-150 id: 1 is "bed" (7), 100 "flag" (149); values above 100 are an error.
+    red = np.array([[1, 100, 55, 0]], np.uint8)
+    annotation = _rgb(red, np.array([[1, 2, 3, 4]], np.uint8))
+    decoded = [(c, m.nonzero()[1].tolist()) for c, m in decode_ade20k_instances(annotation)]
+    assert decoded == [(7, [0]), (149, [1]), (ADE20K_INSTANCE_CATEGORIES[54]["id"], [2])]
+    with pytest.raises(ValueError, match="class 101 .* not one of the 100"):
+        decode_ade20k_instances(_rgb(np.array([[101]], np.uint8), np.array([[1]], np.uint8)))
 
 
 def test_prepare_ade20k_pan_seg_missing_instances(tmp_path):

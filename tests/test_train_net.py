@@ -448,6 +448,33 @@ def test_semantic_evaluator_gets_numpy2_safe_loader(monkeypatch, evaluator_class
     assert evaluation_build._semantic("any", None).kwargs == expected
 
 
+@pytest.mark.parametrize("evaluator_type", ["coco_panoptic_seg", "ade20k_panoptic_seg"])
+def test_panoptic_dataset_without_semantic_labels_gets_no_semantic_evaluator(
+    fake_datasets, tmp_path, caplog, evaluator_type
+):
+    # detectron2's coco_2017_*_panoptic (the published MaskFormer COCO configs) has no semantic
+    # label maps: SemSegEvaluator would raise a KeyError on 'sem_seg_file_name'.
+    name = fake_datasets(evaluator_type)
+    records = [
+        {k: v for k, v in r.items() if k != "sem_seg_file_name"} for r in DatasetCatalog.get(name)
+    ]
+    DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: records)
+    cfg = tiny_cfg(OUTPUT_DIR=str(tmp_path))
+    for switch in (P, INS, S):
+        cfg.MODEL.MASK_FORMER.TEST[switch] = True
+    with caplog.at_level(logging.INFO, logger="mask_former.evaluation.build"):
+        evaluator = train_net.Trainer.build_evaluator(cfg, name)
+    assert [type(e) for e in evaluator._evaluators] == [
+        COCOPanopticEvaluator,
+        COCOEvaluator if evaluator_type == "coco_panoptic_seg" else InstanceSegEvaluator,
+    ]
+    assert any("No semantic evaluation" in r.getMessage() for r in caplog.records)
+    cfg.MODEL.MASK_FORMER.TEST[P] = cfg.MODEL.MASK_FORMER.TEST[INS] = False
+    with pytest.raises(ValueError, match="no semantic labels"):
+        train_net.Trainer.build_evaluator(cfg, name)
+
+
 def test_every_evaluator_type_is_covered():
     assert {case[0] for case in DISPATCH_CASES} == set(EVALUATORS)
 

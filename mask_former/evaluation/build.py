@@ -11,7 +11,7 @@ import inspect
 import logging
 
 import numpy as np
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
     CityscapesSemSegEvaluator,
@@ -64,6 +64,22 @@ def _semantic(dataset_name, output_dir):
     if "sem_seg_loading_fn" in inspect.signature(SemSegEvaluator.__init__).parameters:
         kwargs["sem_seg_loading_fn"] = load_sem_seg_label
     return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir, **kwargs)
+
+
+def _semantic_if_labelled(dataset_name, output_dir):
+    """The semantic evaluator of a panoptic dataset whose records have semantic label maps, else
+    None (logged). detectron2's ``coco_2017_*_panoptic``, which the published MaskFormer COCO
+    configs evaluate, has none (published MaskFormer adds no semantic evaluator there); the
+    Mask2Former configs use the ``*_with_sem_seg`` variants, which have them."""
+    records = DatasetCatalog.get(dataset_name)
+    if all("sem_seg_file_name" in record for record in records):
+        return _semantic(dataset_name, output_dir)
+    logger.info(
+        "No semantic evaluation on %r: its records have no 'sem_seg_file_name' (semantic label "
+        "maps), so sem_seg outputs are not scored",
+        dataset_name,
+    )
+    return None
 
 
 def _panoptic(dataset_name, output_dir):
@@ -119,17 +135,17 @@ EVALUATORS = {
     "coco_panoptic_seg": (
         ("PANOPTIC_ON", _panoptic),
         ("INSTANCE_ON", _coco_instances),
-        ("SEMANTIC_ON", _semantic),
+        ("SEMANTIC_ON", _semantic_if_labelled),
     ),
     "ade20k_panoptic_seg": (
         ("PANOPTIC_ON", _panoptic),
         ("INSTANCE_ON", _instances_among_all_classes),
-        ("SEMANTIC_ON", _semantic),
+        ("SEMANTIC_ON", _semantic_if_labelled),
     ),
     "mapillary_vistas_panoptic_seg": (
         ("PANOPTIC_ON", _panoptic),
         ("INSTANCE_ON", _instances_among_all_classes),
-        ("SEMANTIC_ON", _semantic),
+        ("SEMANTIC_ON", _semantic_if_labelled),
     ),
     "cityscapes_sem_seg": ((ALWAYS, _cityscapes_semantic),),
     "cityscapes_instance": ((ALWAYS, _cityscapes_instances),),
@@ -160,15 +176,22 @@ def build_evaluator(cfg, dataset_name, output_dir):
             f"known types: {sorted(EVALUATORS)}"
         )
     switches = cfg.MODEL.MASK_FORMER.TEST
-    evaluators = [
-        factory(dataset_name, output_dir)
+    enabled = [
+        (switch, factory)
         for switch, factory in EVALUATORS[evaluator_type]
         if switch is ALWAYS or switches[switch]
     ]
-    if not evaluators:
+    if not enabled:
         names = [switch for switch, _ in EVALUATORS[evaluator_type]]
         raise ValueError(
             f"Nothing to evaluate on {dataset_name!r} ({evaluator_type}): "
             f"MODEL.MASK_FORMER.TEST.{{{','.join(names)}}} are all off"
+        )
+    evaluators = [factory(dataset_name, output_dir) for _, factory in enabled]
+    evaluators = [e for e in evaluators if e is not None]
+    if not evaluators:
+        raise ValueError(
+            f"Nothing to evaluate on {dataset_name!r} ({evaluator_type}): only "
+            f"MODEL.MASK_FORMER.TEST.SEMANTIC_ON is set, and its records have no semantic labels"
         )
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)

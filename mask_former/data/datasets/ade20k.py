@@ -78,13 +78,18 @@ def decode_ade20k_instances(annotation):
     """The object instances of an ``annotations_instance`` PNG.
 
     Args:
-        annotation (np.ndarray): [H, W, 3] uint8; R is the ADE20K-150 class plus one (0: none), G
-            the instance id (0: none).
+        annotation (np.ndarray): [H, W, 3] uint8; R is the instance challenge's class, 1..100 in
+            the order of ``ADE20K_INSTANCE_CATEGORIES`` (0: none), G the instance id (0: none).
+            As the published preparation scripts do (with ``ade20k_instance_catid_mapping.txt``),
+            class k becomes the ADE20K-150 id of the k-th instance category (1, "bed", is 7).
 
     Returns:
         list[tuple[int, np.ndarray]]: (0-based ADE20K-150 class, [H, W] bool mask) per instance,
         in instance id order. An instance whose pixels carry several classes takes the most
-        frequent; instances of class 0 are dropped.
+        frequent; instances without a class are dropped.
+
+    Raises:
+        ValueError: for an R value above 100.
     """
     classes, instance_ids = annotation[..., 0], annotation[..., 1]
     instances = []
@@ -92,8 +97,13 @@ def decode_ade20k_instances(annotation):
         mask = instance_ids == instance_id
         values, counts = np.unique(classes[mask], return_counts=True)
         class_value = int(values[counts.argmax()])
+        if class_value > len(ADE20K_INSTANCE_CATEGORIES):
+            raise ValueError(
+                f"annotations_instance class {class_value} (R channel) of instance {instance_id} "
+                f"is not one of the {len(ADE20K_INSTANCE_CATEGORIES)} ADE20K instance classes"
+            )
         if class_value > 0:
-            instances.append((class_value - 1, mask))
+            instances.append((ADE20K_INSTANCE_CATEGORIES[class_value - 1]["id"], mask))
     return instances
 
 
