@@ -13,8 +13,9 @@ ADE20K-full classes become their contiguous ids 0..846 (the published selection 
 frequent classes, ``ADE20K_FULL_CATEGORIES``), every other value 65535 (ignored). Images named
 ``ADE_val_*`` go to validation, all others to training.
 
-Images whose shorter side exceeds 512 pixels are downscaled to 512 (bilinear; labels nearest)
-and re-encoded, as the published conversion does; the others are copied unchanged.
+Images whose shorter side exceeds 512 pixels are downscaled to 512 (bilinear; labels nearest).
+Every image is re-encoded as JPEG at PIL's default quality, resized or not, as the published
+conversion does.
 
 Usage: python datasets/prepare_ade20k_full_sem_seg.py [--root DATASETS] [--max-short-side 512]
 """
@@ -23,7 +24,6 @@ import argparse
 import logging
 import os
 import pickle
-import shutil
 
 import cv2
 import numpy as np
@@ -108,14 +108,13 @@ def convert_image(image_path, out_dir, lookup, max_short_side=MAX_SHORT_SIDE):
     )
     labels = to_contiguous_ids(decode_class_mask(np.asarray(Image.open(seg_path))), lookup)
     shape = resized_shape(*labels.shape, max_short_side)
-    if shape is None:
-        shutil.copyfile(image_path, image_out)
-    else:
-        image = np.asarray(Image.open(image_path).convert("RGB"))
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    if shape is not None:
         size = (shape[1], shape[0])
         image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
         labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
-        Image.fromarray(image).save(image_out, quality=JPEG_QUALITY)
+    # Re-encoded even when not resized, as published (the pixels differ from the source JPEG's).
+    Image.fromarray(image).save(image_out, quality=JPEG_QUALITY)
     Image.fromarray(labels).save(label_out)
 
 

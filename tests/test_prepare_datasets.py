@@ -1,6 +1,7 @@
 """The prepare scripts of ``datasets/``, run on tiny inputs in the downloads' formats; outputs
 checked by value."""
 
+import io
 import json
 import os
 import re
@@ -126,10 +127,13 @@ def test_prepare_ade20k_full_sem_seg(tmp_path):
         os.path.join(dataset, "annotations_detectron2/validation/ADE_val_00000001.tif")
     )
     assert val_labels.tolist() == [[65535, 0, 0, 1]] * 3
+    # Not resized, but re-encoded at PIL's default quality, as published.
     source = os.path.join(dataset, "images/ADE/validation/urban/street/ADE_val_00000001.jpg")
-    copy = os.path.join(dataset, "images_detectron2/validation/ADE_val_00000001.jpg")
-    with open(source, "rb") as a, open(copy, "rb") as b:
-        assert a.read() == b.read()
+    encoded = io.BytesIO()
+    Image.fromarray(_read(source)).save(encoded, format="JPEG", quality=75)
+    out = os.path.join(dataset, "images_detectron2/validation/ADE_val_00000001.jpg")
+    with open(out, "rb") as f:
+        assert f.read() == encoded.getvalue()
 
 
 def test_prepare_ade20k_full_sem_seg_missing_index(tmp_path):
