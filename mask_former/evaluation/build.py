@@ -176,18 +176,19 @@ def build_evaluator(cfg, dataset_name, output_dir):
             f"known types: {sorted(EVALUATORS)}"
         )
     switches = cfg.MODEL.MASK_FORMER.TEST
-    enabled = [
-        (switch, factory)
+    factories = [
+        factory
         for switch, factory in EVALUATORS[evaluator_type]
         if switch is ALWAYS or switches[switch]
     ]
-    if not enabled:
+    if not factories:
         names = [switch for switch, _ in EVALUATORS[evaluator_type]]
         raise ValueError(
             f"Nothing to evaluate on {dataset_name!r} ({evaluator_type}): "
             f"MODEL.MASK_FORMER.TEST.{{{','.join(names)}}} are all off"
         )
-    evaluators = [factory(dataset_name, output_dir) for _, factory in enabled]
+    # A factory returns None when the dataset cannot be scored that way (logged).
+    evaluators = [factory(dataset_name, output_dir) for factory in factories]
     evaluators = [e for e in evaluators if e is not None]
     if not evaluators:
         raise ValueError(
