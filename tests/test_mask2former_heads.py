@@ -47,8 +47,10 @@ def build_head(golden, **overrides):
     return build_sem_seg_head(cfg_with({**golden["cfg"], **overrides}), golden_shapes(golden))
 
 
-def run_head(head, features):
-    """The head's steps one by one, recording the decoder's attention masks."""
+def run_head(head, features, aux=True):
+    """The head's steps one by one, recording the decoder's attention masks; with ``aux`` the
+    decoder also returns its intermediate predictions in eval mode, as the published one does."""
+    head.predictor.aux_outputs_in_eval = aux
     with torch.no_grad():
         mask_features, encoder_features, multi_scale = head.pixel_decoder.forward_features(features)
         with head.predictor.record_attention_masks() as attn_masks:
@@ -96,6 +98,15 @@ def test_head_is_bit_exact_by_default(golden, one_thread):
     for ours, ref in zip(out["aux_outputs"], golden["aux_outputs"]):
         assert torch.equal(ours["pred_masks"], ref["pred_masks"])
     for ours, ref in zip(attn_masks, golden["intermediates"]["attn_masks_pre_fix"]):
+        assert torch.equal(ours, ref)
+    # Without the intermediate predictions, eval mode computes the attention masks of the 1/32
+    # and 1/16 levels from the few mask logits their resize reads: still exact.
+    lean, _, lean_attn_masks = run_head(head, golden["features"], aux=False)
+    assert "aux_outputs" not in lean
+    assert torch.equal(lean["pred_logits"], golden["pred_logits"])
+    assert torch.equal(lean["pred_masks"], golden["pred_masks"])
+    assert len(lean_attn_masks) == len(golden["intermediates"]["attn_masks_pre_fix"])
+    for ours, ref in zip(lean_attn_masks, golden["intermediates"]["attn_masks_pre_fix"]):
         assert torch.equal(ours, ref)
     for module in head.modules():
         if isinstance(module, MSDeformAttn):
@@ -360,6 +371,10 @@ def test_variants_build_and_run(golden, overrides):
     assert out["pred_masks"].shape == (2, 7, 16, 24)
     assert out["pred_logits"].shape == (2, 7, 6)
     assert torch.isfinite(out["pred_masks"]).all() and torch.isfinite(out["pred_logits"]).all()
+    assert "aux_outputs" not in out
+    head.predictor.aux_outputs_in_eval = True
+    with torch.no_grad():
+        out = head(golden["features"])
     assert ("aux_outputs" in out) == overrides.get("MODEL.MASK_FORMER.DEEP_SUPERVISION", True)
     if overrides.get("MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ"):
         assert all(isinstance(p, torch.nn.Conv2d) for p in head.predictor.input_proj)
@@ -372,10 +387,93 @@ def test_without_mask_classification_only_masks(golden):
     predictor = build_transformer_decoder(cfg_with(golden["cfg"]), 32, mask_classification=False)
     assert not hasattr(predictor, "class_embed")
     multi_scale = [torch.randn(2, 32, h, w) for h, w in [(2, 3), (4, 6), (8, 12)]]
+    predictor.aux_outputs_in_eval = True
     with torch.no_grad():
         out = predictor.eval()(multi_scale, torch.randn(2, 32, 16, 24))
     assert set(out) == {"pred_masks", "aux_outputs"}
     assert all(set(aux) == {"pred_masks"} for aux in out["aux_outputs"])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "mask_size, level_sizes",
+    [
+        # 1/4 mask features of a 512x640 image and its 1/32, 1/16, 1/8 levels (factors 8, 4, 2)
+        ((128, 160), [(16, 20), (32, 40), (64, 80)]),
+        # factor 8 in one direction, 4 in the other; factor 6; and sizes that are no multiple
+        ((64, 48), [(8, 12), (16, 8), (32, 24)]),
+        ((33, 50), [(5, 7), (9, 13), (17, 25)]),
+    ],
+)
+def test_eval_attention_masks_from_sampled_logits_are_exact(
+    golden, mask_size, level_sizes, channels_last
+):
+    """Eval mode without the intermediate predictions makes the same attention masks, final
+    logits and masks bit for bit as the full computation of every prediction (and as training
+    mode, which always makes every prediction)."""
+    torch.manual_seed(0)
+    predictor = build_golden_head(golden).predictor.eval()
+    multi_scale = [torch.randn(2, 32, h, w) for h, w in level_sizes]
+    # Mask logits near zero everywhere, so rounding differences would flip attention-mask pixels.
+    mask_features = torch.randn(2, 32, *mask_size) * 1e-3
+    if channels_last:
+        mask_features = mask_features.contiguous(memory_format=torch.channels_last)
+    results = {}
+    for aux in (True, False):
+        predictor.aux_outputs_in_eval = aux
+        with torch.no_grad(), predictor.record_attention_masks() as attn_masks:
+            out = predictor(multi_scale, mask_features)
+        results[aux] = (out, attn_masks)
+    (full, full_masks), (lean, lean_masks) = results[True], results[False]
+    assert "aux_outputs" in full and "aux_outputs" not in lean
+    assert torch.equal(full["pred_masks"], lean["pred_masks"])
+    assert torch.equal(full["pred_logits"], lean["pred_logits"])
+    assert len(full_masks) == len(lean_masks) == 4
+    for ours, ref in zip(lean_masks, full_masks):
+        assert torch.equal(ours, ref)
+    # both attention-mask values occur, so the comparison is not trivial
+    assert all(0 < m.float().mean() < 1 for m in full_masks)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "full, size, expected",
+    [
+        ((128, 160), (16, 20), ([3, 4, 11, 12], [3, 4, 11, 12])),  # factor 8: the first taps
+        ((128, 160), (32, 40), ([1, 2, 5, 6], [1, 2, 5, 6])),  # factor 4
+        ((64, 48), (16, 8), ([1, 2, 5, 6], [2, 3, 8, 9])),  # factors 4 and 6
+        ((128, 160), (64, 80), None),  # factor 2: every pixel is read
+        ((48, 48), (16, 16), None),  # factor 3
+        ((64, 48), (8, 16), None),  # factors 8 and 3
+        ((33, 50), (5, 7), None),  # not a multiple
+        ((16, 16), (16, 16), None),  # identity
+    ],
+)
+def test_pixels_read_by_downsample(full, size, expected, channels_last):
+    features = torch.randn(2, 3, *full)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    sampled = mask2former_decoder.pixels_read_by_downsample(features, size)
+    if expected is None:
+        assert sampled is None
+        return
+    rows, cols = (torch.arange(n).mul(f).add(f // 2 - 1) for n, f in zip(size, factors(full, size)))
+    rows = torch.stack([rows, rows + 1], 1).flatten()
+    cols = torch.stack([cols, cols + 1], 1).flatten()
+    assert (rows[:4].tolist(), cols[:4].tolist()) == expected
+    assert torch.equal(sampled, features[:, :, rows][:, :, :, cols])
+    assert sampled.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    resized = torch.nn.functional.interpolate(features, size, mode="bilinear", align_corners=False)
+    from_sampled = torch.nn.functional.interpolate(
+        sampled, size, mode="bilinear", align_corners=False
+    )
+    assert torch.equal(from_sampled, resized)
+
+
+def factors(full, size):
+    return [f // s for f, s in zip(full, size)]
 
 
 def test_decoder_needs_three_levels(golden):

@@ -216,6 +216,48 @@ def attention_bias(attn_mask: Tensor, num_heads: int, dtype: torch.dtype) -> Ten
     return bias[:, None].expand(-1, num_heads, -1, -1).reshape(batch * num_heads, queries, length)
 
 
+def pixels_read_by_downsample(features: Tensor, size: Tuple[int, int]) -> Optional[Tensor]:
+    """The pixels of ``features`` that a bilinear resize to ``size`` reads, when that resize is a
+    downsampling by an even integer factor s > 2 in both directions, on the CPU.
+
+    With ``align_corners=False``, output pixel d of such a resize is the mean of input pixels
+    s*d + s/2 - 1 and s*d + s/2 (weights 0.5 and 0.5) in each direction. Resizing the [2h, 2w]
+    map of those rows and columns to (h, w) (factor 2: pixels 2d and 2d + 1, weights 0.5) reads
+    the same values with the same weights, so it gives the same result bit for bit; the mask
+    logits of those pixels (dot products over channels) are also the same whether computed for
+    the full map or for the selection (checked on the CPU, tests/test_mask2former_heads.py).
+
+    Args:
+        features (Tensor): [B, C, H, W].
+        size (tuple): (h, w) of the resize.
+
+    Returns:
+        Tensor or None: [B, C, 2h, 2w] (a copy in the memory format of ``features``), or None
+            where this does not apply: other factors, not on the CPU, or while traced (fvcore's
+            FLOP count then sees the published computation).
+    """
+    if features.device.type != "cpu" or torch.jit.is_tracing():
+        return None
+    batch, channels, height, width = features.shape
+    factors = []
+    for full, target in ((height, size[0]), (width, size[1])):
+        factor = full // target if target > 0 else 0
+        if factor <= 2 or factor % 2 or factor * target != full:
+            return None
+        factors.append(factor)
+    (fh, fw), (h, w) = factors, size
+    channels_last = features.is_contiguous(memory_format=torch.channels_last)
+    # Slice the pixel pairs from views; the copy keeps the layout (channels-last copies whole
+    # channel vectors, and the einsum reads either layout without another copy).
+    x = features.permute(0, 2, 3, 1) if channels_last else features.permute(0, 1, 2, 3)
+    rows, cols = (1, 3) if channels_last else (2, 4)
+    x = x.unflatten(rows, (h, fh)).narrow(rows + 1, fh // 2 - 1, 2)
+    x = x.unflatten(cols, (w, fw)).narrow(cols + 1, fw // 2 - 1, 2)
+    if channels_last:
+        return x.reshape(batch, 2 * h, 2 * w, channels).permute(0, 3, 1, 2)
+    return x.reshape(batch, channels, 2 * h, 2 * w)
+
+
 @TRANSFORMER_DECODER_REGISTRY.register()
 class MultiScaleMaskedTransformerDecoder(nn.Module):
     """
@@ -281,6 +323,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.aux_loss = deep_supervision
+        # The intermediate predictions only feed the deep-supervision losses, so eval mode skips
+        # their mask logits and computes each attention mask from the few pixels its resize
+        # reads (same values; the published decoder returns them in eval mode too: set this to
+        # True for that).
+        self.aux_outputs_in_eval = False
         # Set by record_attention_masks(): where forward() logs its attention masks.
         self._attn_mask_log: Optional[List[Tensor]] = None
 
@@ -393,9 +440,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
         Returns:
             dict: ``pred_logits`` [B, Q, K+1] (with mask classification), ``pred_masks``
-            [B, Q, H, W] mask logits of the last layer and, with deep supervision,
-            ``aux_outputs``: a list of such dicts for the earlier predictions, the one from the
-            initial queries first.
+            [B, Q, H, W] mask logits of the last layer and, with deep supervision in training
+            mode (or with ``aux_outputs_in_eval``), ``aux_outputs``: a list of such dicts for the
+            earlier predictions, the one from the initial queries first.
 
         Raises:
             ValueError: if ``x`` does not hold 3 levels.
@@ -437,13 +484,22 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             last (bool): no layer follows; the attention mask is only made to be recorded.
 
         Returns:
-            outputs_class (Tensor or None): [B, Q, K+1].
-            outputs_mask (Tensor): [B, Q, H, W] mask logits.
+            outputs_class (Tensor or None): [B, Q, K+1]; None without mask classification and
+                for an intermediate prediction in eval mode.
+            outputs_mask (Tensor or None): [B, Q, H, W] mask logits; None for an intermediate
+                prediction in eval mode.
             attn_mask (Tensor or None): [B * nheads, Q, h*w] additive attention mask.
         """
         decoder_output = self.decoder_norm(output).transpose(0, 1)
-        outputs_class = self.class_embed(decoder_output) if self.mask_classification else None
         mask_embed = self.mask_embed(decoder_output)
+        if not (last or self._returns_aux_outputs()):
+            # Only the attention mask is needed: the mask logits of the pixels its resize reads.
+            sampled = pixels_read_by_downsample(mask_features, attn_mask_size)
+            if sampled is not None:
+                logits = torch.einsum("bqc,bchw->bqhw", mask_embed, sampled)
+                attn_mask = self._attention_mask(logits, attn_mask_size)
+                return None, None, attention_bias(attn_mask, self.num_heads, output.dtype)
+        outputs_class = self.class_embed(decoder_output) if self.mask_classification else None
         outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         if last and self._attn_mask_log is None:
             return outputs_class, outputs_mask, None
@@ -467,9 +523,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         # Attending to nothing would make the softmax NaN.
         return attn_mask & ~attn_mask.all(-1, keepdim=True)
 
+    def _returns_aux_outputs(self) -> bool:
+        return self.aux_loss and (self.training or self.aux_outputs_in_eval)
+
     def _pack_outputs(self, predictions: List[Tuple[Optional[Tensor], Tensor]]) -> Dict:
         out = self._prediction_dict(*predictions[-1])
-        if self.aux_loss:
+        if self._returns_aux_outputs():
             out["aux_outputs"] = [self._prediction_dict(c, m) for c, m in predictions[:-1]]
         return out
 
