@@ -23,13 +23,16 @@ class SemanticSegmentorWithTTA(nn.Module):
     ``height``/``width``). Output per image: ``{"sem_seg": Tensor [K, height, width]}``.
     """
 
-    def __init__(self, cfg, model, tta_mapper=None):
+    def __init__(self, cfg, model, tta_mapper=None, batch_size=1):
         """
         Args:
             cfg (CfgNode): the config (``TEST.AUG``, ``INPUT.FORMAT``).
             model (nn.Module): a model returning ``sem_seg`` at the requested height and width.
             tta_mapper (callable): makes the augmented inputs of one dict, each with its
                 ``transforms``; default ``DatasetMapperTTA(cfg)``.
+            batch_size (int): accepted for compatibility with the published signature, whose
+                implementation does not use it either: the augmented copies run one at a time
+                (batching copies pads them to a common size, which changes the outputs).
         """
         super().__init__()
         if isinstance(model, DistributedDataParallel):
@@ -37,6 +40,7 @@ class SemanticSegmentorWithTTA(nn.Module):
         self.model = model
         self.tta_mapper = DatasetMapperTTA(cfg) if tta_mapper is None else tta_mapper
         self.input_format = cfg.INPUT.FORMAT
+        self.batch_size = batch_size
 
     def forward(self, batched_inputs):
         """

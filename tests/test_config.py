@@ -227,3 +227,33 @@ def test_list_configs_without_counterpart():
     assert not required, f"required configs missing: {required}"
     if missing:
         pytest.skip(f"{len(missing)} published configs have no counterpart yet")
+
+
+def test_published_top_level_names_are_exported():
+    """Scripts written against the published packages import these from the top level."""
+    import mask_former
+    from mask_former.data import DATASET_MAPPERS
+
+    published_mask_former = {
+        "add_mask_former_config",
+        "DETRPanopticDatasetMapper",
+        "MaskFormerPanopticDatasetMapper",
+        "MaskFormerSemanticDatasetMapper",
+        "MaskFormer",
+        "SemanticSegmentorWithTTA",
+    }
+    published_mask2former = {
+        "add_maskformer2_config",
+        "COCOInstanceNewBaselineDatasetMapper",
+        "COCOPanopticNewBaselineDatasetMapper",
+        "MaskFormerInstanceDatasetMapper",
+        "MaskFormerPanopticDatasetMapper",
+        "MaskFormerSemanticDatasetMapper",
+        "MaskFormer",
+        "SemanticSegmentorWithTTA",
+        "InstanceSegEvaluator",
+    }
+    expected = published_mask_former | published_mask2former
+    assert set(mask_former.__all__) == expected
+    assert all(hasattr(mask_former, name) for name in expected)
+    assert set(DATASET_MAPPERS.values()) <= {getattr(mask_former, n) for n in expected}

@@ -145,6 +145,22 @@ def test_group_by_size_keeps_order_and_batches_equal_padded_sizes(monkeypatch):
     assert [r["sem_seg"].shape[1:] for r in results] == [(96, 144), (64, 64), (64, 90), (70, 70)]
 
 
+def test_group_by_size_without_test_resize(monkeypatch):
+    """INPUT.MIN_SIZE_TEST 0 feeds the images at their own size: grouped by that size."""
+    images = random_images([(64, 96), (40, 56), (64, 96)], seed=4)
+    predictor = BatchPredictor(predictor_cfg(**{"INPUT.MIN_SIZE_TEST": 0}), group_by_size=True)
+    calls = []
+    forward = predictor.model.forward
+    monkeypatch.setattr(
+        predictor.model,
+        "forward",
+        lambda inputs: calls.append([tuple(x["image"].shape[1:]) for x in inputs])
+        or forward(inputs),
+    )
+    predictor(images)
+    assert calls == [[(64, 96), (64, 96)], [(40, 56)]]
+
+
 def test_model_input_is_resized_and_in_the_model_channel_order():
     cfg = predictor_cfg(INPUT__FORMAT="RGB")
     image = np.zeros((100, 50, 3), dtype=np.uint8)

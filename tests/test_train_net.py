@@ -41,7 +41,12 @@ from mask_former.data.datasets import shapes
 from mask_former.engine import amp_enabled, build_step_trainer
 from mask_former.engine.defaults import LeanAMPTrainer, LeanSimpleTrainer
 from mask_former.engine.optimizer import NORM_MODULE_TYPES
-from mask_former.evaluation import EVALUATORS, InstanceSegEvaluator, build_evaluator
+from mask_former.evaluation import (
+    EVALUATORS,
+    InstanceSegEvaluator,
+    NoEvaluatorError,
+    build_evaluator,
+)
 from mask_former.evaluation import build as evaluation_build
 from mask_former.evaluation.build import load_sem_seg_label
 from mask_former.test_time_augmentation import SemanticSegmentorWithTTA
@@ -471,28 +476,57 @@ def test_panoptic_dataset_without_semantic_labels_gets_no_semantic_evaluator(
     ]
     assert any("No semantic evaluation" in r.getMessage() for r in caplog.records)
     cfg.MODEL.MASK_FORMER.TEST[P] = cfg.MODEL.MASK_FORMER.TEST[INS] = False
-    with pytest.raises(ValueError, match="no semantic labels"):
+    with pytest.raises(NoEvaluatorError, match="no semantic labels"):
         train_net.Trainer.build_evaluator(cfg, name)
 
 
 def test_every_evaluator_type_is_covered():
-    assert {case[0] for case in DISPATCH_CASES} == set(EVALUATORS)
+    assert {case[0] for case in DISPATCH_CASES} | {"lvis"} == set(EVALUATORS)
+
+
+def test_lvis_dispatch(fake_datasets, tmp_path, monkeypatch):
+    # detectron2's LVISEvaluator needs the optional `lvis` package (not a dependency): record
+    # what it would be built with instead.
+    built = []
+
+    class RecordingLVISEvaluator:
+        def __init__(self, dataset_name, output_dir=None):
+            built.append((dataset_name, output_dir))
+
+    monkeypatch.setattr(evaluation_build, "LVISEvaluator", RecordingLVISEvaluator)
+    name = fake_datasets("lvis")
+    evaluator = train_net.Trainer.build_evaluator(tiny_cfg(OUTPUT_DIR=str(tmp_path)), name)
+    assert isinstance(evaluator, RecordingLVISEvaluator)
+    assert built == [(name, str(tmp_path / "inference"))]
 
 
 def test_evaluator_dispatch_errors(fake_datasets, tmp_path):
     cfg = tiny_cfg(OUTPUT_DIR=str(tmp_path))
-    name = fake_datasets("lvis")
-    with pytest.raises(ValueError, match=f"{name}.*'lvis'"):
+    name = fake_datasets("pascal_voc")
+    with pytest.raises(NoEvaluatorError, match=f"{name}.*'pascal_voc'"):
         train_net.Trainer.build_evaluator(cfg, name)
     for switch in (P, INS, S):
         cfg.MODEL.MASK_FORMER.TEST[switch] = False
     name = fake_datasets("coco_panoptic_seg")
-    with pytest.raises(ValueError, match="all off"):
+    with pytest.raises(NoEvaluatorError, match="all off"):
         train_net.Trainer.build_evaluator(cfg, name)
     cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
     name = fake_datasets("mapillary_vistas_panoptic_seg", json_file=None)
     with pytest.raises(ValueError, match="json_file=None"):
         build_evaluator(cfg, name, str(tmp_path))
+
+
+def test_dataset_without_evaluator_does_not_stop_testing(fake_datasets, tmp_path, caplog):
+    """As published, a dataset without an evaluator raises a NotImplementedError, which
+    detectron2's DefaultTrainer.test logs before it goes on (periodic or final evaluation)."""
+    assert issubclass(NoEvaluatorError, NotImplementedError)
+    name = fake_datasets("pascal_voc")
+    cfg = tiny_cfg(OUTPUT_DIR=str(tmp_path))
+    cfg.DATASETS.TEST = (name,)
+    with caplog.at_level(logging.WARNING):
+        results = train_net.Trainer.test(cfg, model=None)
+    assert results == {}
+    assert any("No evaluator found" in r.getMessage() for r in caplog.records)
 
 
 def _ground_truth_instances(record, class_map):
@@ -743,6 +777,9 @@ def test_tta_with_one_scale_and_no_flip_equals_the_model():
     tta = SemanticSegmentorWithTTA(cfg, model)([inputs])[0]["sem_seg"]
     assert tta.shape == (cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 60, 90)
     assert torch.equal(tta, plain)
+    # The published signature's batch_size is accepted (and, as there, does not batch copies).
+    batched = SemanticSegmentorWithTTA(cfg, model, batch_size=4)([inputs])[0]["sem_seg"]
+    assert torch.equal(batched, plain)
 
 
 def test_tta_averages_scales_and_flips_of_the_real_model():

@@ -155,9 +155,11 @@ class BatchPredictor:
 
     def _padded_input_size(self, size):
         """(H, W) of the model input of an image of ``size``, padded to the size divisibility."""
-        height, width = T.ResizeShortestEdge.get_output_shape(
-            size[0], size[1], self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST
-        )
+        height, width = size
+        if self.cfg.INPUT.MIN_SIZE_TEST != 0:  # 0: ResizeShortestEdge leaves images as they are
+            height, width = T.ResizeShortestEdge.get_output_shape(
+                height, width, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST
+            )
         divisor = max(getattr(self.model, "size_divisibility", 0), 1)
         return (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
 

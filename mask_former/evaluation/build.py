@@ -4,6 +4,10 @@ A dataset type lists (switch, factory) pairs: the factory's evaluator is used wh
 ``MODEL.MASK_FORMER.TEST`` switch that turns on the output it scores is set, or always (``None``)
 for single-task datasets. Panoptic datasets thus get the panoptic, semantic and instance
 evaluators of the outputs the model returns.
+
+When a dataset gets no evaluator, :class:`NoEvaluatorError` (a ``NotImplementedError``, as the
+published code raises) is raised: detectron2's ``DefaultTrainer.test`` logs it and goes on with
+the next dataset, so a periodic or final evaluation does not stop a training run.
 """
 
 import functools
@@ -18,6 +22,7 @@ from detectron2.evaluation import (
     COCOEvaluator,
     COCOPanopticEvaluator,
     DatasetEvaluators,
+    LVISEvaluator,
     SemSegEvaluator,
 )
 from detectron2.utils import comm
@@ -26,9 +31,19 @@ from PIL import Image
 
 from .instance_evaluation import InstanceSegEvaluator
 
-__all__ = ["build_evaluator", "EVALUATORS", "fast_coco_eval_available", "load_sem_seg_label"]
+__all__ = [
+    "build_evaluator",
+    "EVALUATORS",
+    "NoEvaluatorError",
+    "fast_coco_eval_available",
+    "load_sem_seg_label",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class NoEvaluatorError(NotImplementedError):
+    """A dataset has no evaluator for the outputs the config turns on."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,12 +141,17 @@ def _cityscapes_instances(dataset_name, output_dir):
     return CityscapesInstanceEvaluator(dataset_name)
 
 
+def _lvis(dataset_name, output_dir):
+    return LVISEvaluator(dataset_name, output_dir=output_dir)
+
+
 ALWAYS = None
 # evaluator_type -> ((switch in MODEL.MASK_FORMER.TEST or ALWAYS, factory(name, output_dir)), ...)
 EVALUATORS = {
     "sem_seg": ((ALWAYS, _semantic),),
     "mapillary_vistas_sem_seg": ((ALWAYS, _semantic),),
     "coco": ((ALWAYS, _coco_instances),),
+    "lvis": ((ALWAYS, _lvis),),
     "coco_panoptic_seg": (
         ("PANOPTIC_ON", _panoptic),
         ("INSTANCE_ON", _coco_instances),
@@ -168,10 +188,14 @@ def build_evaluator(cfg, dataset_name, output_dir):
 
     Returns:
         DatasetEvaluator: one evaluator, or ``DatasetEvaluators`` of several.
+
+    Raises:
+        NoEvaluatorError: for an unknown ``evaluator_type``, or when nothing the config turns on
+            can be scored on this dataset.
     """
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
     if evaluator_type not in EVALUATORS:
-        raise ValueError(
+        raise NoEvaluatorError(
             f"No evaluator for dataset {dataset_name!r} with evaluator_type {evaluator_type!r}; "
             f"known types: {sorted(EVALUATORS)}"
         )
@@ -183,7 +207,7 @@ def build_evaluator(cfg, dataset_name, output_dir):
     ]
     if not factories:
         names = [switch for switch, _ in EVALUATORS[evaluator_type]]
-        raise ValueError(
+        raise NoEvaluatorError(
             f"Nothing to evaluate on {dataset_name!r} ({evaluator_type}): "
             f"MODEL.MASK_FORMER.TEST.{{{','.join(names)}}} are all off"
         )
@@ -191,7 +215,7 @@ def build_evaluator(cfg, dataset_name, output_dir):
     evaluators = [factory(dataset_name, output_dir) for factory in factories]
     evaluators = [e for e in evaluators if e is not None]
     if not evaluators:
-        raise ValueError(
+        raise NoEvaluatorError(
             f"Nothing to evaluate on {dataset_name!r} ({evaluator_type}): only "
             f"MODEL.MASK_FORMER.TEST.SEMANTIC_ON is set, and its records have no semantic labels"
         )
