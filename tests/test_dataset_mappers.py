@@ -368,6 +368,9 @@ def test_panoptic_lsj_on_coco_sample(coco_records):
         big = expected > 2000
         assert torch.allclose(areas[big], expected[big] * scale**2, rtol=0.1)
         assert "sem_seg" not in out
+        # as published, the masks' boxes
+        boxes = BitMasks(masks).get_bounding_boxes().tensor
+        assert len(boxes) and torch.equal(out["instances"].gt_boxes.tensor, boxes)
 
 
 def test_detr_panoptic_branches_and_seeding(synthetic):
@@ -504,6 +507,24 @@ def test_instance_lsj_filters_empty_and_adds_boxes(synthetic):
         assert set(instances.gt_classes.tolist()) <= {0, 1, 2, 3, 4}
         counts.add(len(instances))
     assert 5 in counts and min(counts) < 5, "large crops should drop some instances"
+
+
+@pytest.mark.parametrize("size", [96, 64])
+def test_instance_lsj_padding_mask(synthetic, size):
+    """As published, ``padding_mask`` is True exactly where the fixed-size crop padded."""
+    annotations, _ = instance_annotations()
+    record = {"file_name": synthetic["paths"]["image"], "annotations": annotations}
+    cfg = mapper_cfg(
+        "shapes_instance_train", INPUT__IMAGE_SIZE=size, INPUT__MIN_SCALE=1.0, INPUT__MAX_SCALE=1.0
+    )
+    out = run_seeded(COCOInstanceNewBaselineDatasetMapper(cfg, True), record, 0)
+    padding_mask = out["padding_mask"]
+    assert padding_mask.dtype == torch.bool and padding_mask.shape == (size, size)
+    # The 40x60 image scaled to fit: size x 1.5 size wide would be cropped, so the content is
+    # (round(40 * size / 60), size) and only rows below it are padding.
+    content_height = round(H * size / W)
+    assert not padding_mask[:content_height].any() and padding_mask[content_height:].all()
+    assert (out["image"][:, content_height:] == 128).all()
 
 
 def test_instance_lsj_drops_instances_as_published(synthetic):

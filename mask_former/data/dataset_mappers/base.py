@@ -13,16 +13,23 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import Instances
+from detectron2.structures import BitMasks, Instances
 
 from ..augmentation import build_augmentations, train_ignore_label
 
-__all__ = ["MaskFormerBaseDatasetMapper", "pad_bottom_right"]
+__all__ = ["MaskFormerBaseDatasetMapper", "add_mask_boxes", "pad_bottom_right"]
 
 logger = logging.getLogger(__name__)
 
 # Published value of the image padding (before pixel normalisation).
 IMAGE_PAD_VALUE = 128
+
+
+def add_mask_boxes(instances):
+    """Sets ``gt_boxes`` [n, 4] of ``instances`` to the boxes of their ``gt_masks`` (all-zero
+    boxes for empty masks) and returns them."""
+    instances.gt_boxes = BitMasks(instances.gt_masks).get_bounding_boxes()
+    return instances
 
 
 def pad_bottom_right(array, size, value):
@@ -129,7 +136,8 @@ class MaskFormerBaseDatasetMapper(abc.ABC):
         transforms = self.augmentations(aug_input)
         classes, masks = self.build_targets(dataset_dict, aug_input, transforms)
         self._check_classes(classes, dataset_dict["file_name"])
-        return self._pack(dataset_dict, aug_input, classes, masks)
+        dataset_dict = self._pack(dataset_dict, aug_input, classes, masks)
+        return self.finalize_record(dataset_dict, transforms, image.shape[:2])
 
     @abc.abstractmethod
     def build_targets(self, dataset_dict, aug_input, transforms):
@@ -147,6 +155,16 @@ class MaskFormerBaseDatasetMapper(abc.ABC):
     def finalize_instances(self, instances):
         """Hook for subclasses to add or filter fields of the padded ``instances``."""
         return instances
+
+    def finalize_record(self, dataset_dict, transforms, input_size):
+        """Hook for subclasses to add fields to the finished record.
+
+        Args:
+            dataset_dict (dict): the record with its tensors.
+            transforms (TransformList): the transforms applied to the image.
+            input_size (tuple): (h, w) of the image before augmentation.
+        """
+        return dataset_dict
 
     def _read_sem_seg(self, dataset_dict):
         """The semantic map as float64 [h, w] (as published), or None if not read / absent."""

@@ -4,9 +4,10 @@ import logging
 
 import numpy as np
 import pycocotools.mask as mask_util
-from detectron2.structures import BitMasks, polygons_to_bitmask
+import torch
+from detectron2.structures import polygons_to_bitmask
 
-from .base import MaskFormerBaseDatasetMapper
+from .base import MaskFormerBaseDatasetMapper, add_mask_boxes, pad_bottom_right
 
 __all__ = [
     "COCOInstanceNewBaselineDatasetMapper",
@@ -123,7 +124,8 @@ class MaskFormerInstanceDatasetMapper(MaskFormerBaseDatasetMapper):
 class COCOInstanceNewBaselineDatasetMapper(MaskFormerInstanceDatasetMapper):
     """Mask2Former's COCO instance mapper (``coco_instance_lsj``): large-scale jitter (flip,
     ResizeScale, FixedSizeCrop to ``INPUT.IMAGE_SIZE`` squared). Adds ``gt_boxes`` (the masks'
-    boxes) and drops the instances that the crop left empty."""
+    boxes) and, as published, ``padding_mask`` (bool [H, W], True where the crop padded the
+    image), and drops the instances that the crop left empty."""
 
     augmentation_kind = "lsj"
 
@@ -140,5 +142,14 @@ class COCOInstanceNewBaselineDatasetMapper(MaskFormerInstanceDatasetMapper):
     def finalize_instances(self, instances):
         """Adds ``gt_boxes`` [n, 4], the boxes of the masks (the published ones are the polygons'
         boxes; training does not read them)."""
-        instances.gt_boxes = BitMasks(instances.gt_masks).get_bounding_boxes()
-        return instances
+        return add_mask_boxes(instances)
+
+    def finalize_record(self, dataset_dict, transforms, input_size):
+        # A constant map through the same transforms: nearest resizing and cropping keep the
+        # marker, padding writes the segmentation pad value (0, or 255 in newer detectron2).
+        marker = 1
+        covered = transforms.apply_segmentation(np.full(input_size, marker, dtype=np.uint8))
+        padding_mask = covered != marker
+        size = tuple(dataset_dict["image"].shape[-2:])
+        dataset_dict["padding_mask"] = torch.as_tensor(pad_bottom_right(padding_mask, size, True))
+        return dataset_dict

@@ -7,7 +7,7 @@ read a semantic map too, as the published mappers do).
 from detectron2.data import detection_utils as utils
 from panopticapi.utils import rgb2id
 
-from .base import MaskFormerBaseDatasetMapper
+from .base import MaskFormerBaseDatasetMapper, add_mask_boxes
 
 __all__ = [
     "COCOPanopticNewBaselineDatasetMapper",
@@ -47,10 +47,14 @@ class MaskFormerPanopticDatasetMapper(MaskFormerBaseDatasetMapper):
 
 class COCOPanopticNewBaselineDatasetMapper(MaskFormerPanopticDatasetMapper):
     """Mask2Former's COCO panoptic mapper (``coco_panoptic_lsj``): large-scale jitter (flip,
-    ResizeScale, FixedSizeCrop to ``INPUT.IMAGE_SIZE`` squared); no semantic map."""
+    ResizeScale, FixedSizeCrop to ``INPUT.IMAGE_SIZE`` squared); no semantic map. Adds
+    ``gt_boxes`` (the masks' boxes), as published."""
 
     augmentation_kind = "lsj"
     reads_sem_seg = False
+
+    def finalize_instances(self, instances):
+        return add_mask_boxes(instances)
 
 
 class DETRPanopticDatasetMapper(MaskFormerPanopticDatasetMapper):
