@@ -228,3 +228,21 @@ def test_resize_to_output_equals_detectron2_postprocess(image_size, out):
     maps = torch.randn(5, 40, 60)
     expected = sem_seg_postprocess(maps, image_size, *out)
     assert torch.equal(resize_to_output(maps, image_size, *out), expected)
+
+
+def test_thing_ids_are_read_from_the_metadata_when_used(caplog):
+    """As published, the thing classes come from the metadata at inference time: metadata
+    completed after the model was built is used (a warning says it was missing at build time)."""
+    import logging
+
+    name = "mask_former_test_late_metadata"
+    cfg = tiny_cfg(DATASETS__TRAIN=(name,), MODEL__MASK_FORMER__TEST__PANOPTIC_ON=True)
+    with caplog.at_level(logging.WARNING):
+        model = build_model(cfg)
+    assert model.thing_ids == frozenset()
+    assert "has no thing_dataset_id_to_contiguous_id" in caplog.text
+    MetadataCatalog.get(name).set(thing_dataset_id_to_contiguous_id={5: 0, 7: 2})
+    try:
+        assert model.thing_ids == {0, 2}
+    finally:
+        MetadataCatalog.remove(name)

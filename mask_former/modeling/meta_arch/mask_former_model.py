@@ -138,25 +138,27 @@ class MaskFormer(nn.Module):
         self.instance_on = instance_on
         self.test_topk_per_image = test_topk_per_image
         self.panoptic_mask_threshold_pixels = panoptic_mask_threshold_pixels
-        self.thing_ids = self._thing_ids(metadata, panoptic_on or instance_on)
+        if (panoptic_on or instance_on) and self._thing_mapping() is None:
+            logger.warning(
+                f"Metadata of {getattr(metadata, 'name', '?')!r} has no "
+                "thing_dataset_id_to_contiguous_id (yet): until it has, panoptic/instance outputs "
+                "treat every class as stuff."
+            )
         self.channels_last = channels_last
         if channels_last:
             # Converts every 4-D parameter and buffer; checkpoints load into it unchanged
             # (load_state_dict copies values, keeping this layout).
             self.to(memory_format=torch.channels_last)
 
-    @staticmethod
-    def _thing_ids(metadata, needed):
-        mapping = getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
-        if mapping is None:
-            if needed:
-                logger.warning(
-                    f"Metadata of {getattr(metadata, 'name', '?')!r} has no "
-                    "thing_dataset_id_to_contiguous_id: panoptic/instance outputs treat every "
-                    "class as stuff."
-                )
-            return frozenset()
-        return frozenset(mapping.values())
+    def _thing_mapping(self):
+        return getattr(self.metadata, "thing_dataset_id_to_contiguous_id", None)
+
+    @property
+    def thing_ids(self) -> frozenset:
+        """Contiguous ids of the thing classes, read from the metadata at every call (as
+        published), so metadata completed after the model was built is used."""
+        mapping = self._thing_mapping()
+        return frozenset() if mapping is None else frozenset(mapping.values())
 
     @classmethod
     def from_config(cls, cfg):
