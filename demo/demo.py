@@ -37,7 +37,7 @@ WINDOW_NAME = "mask_former"
 ESC_KEY = 27
 # Output image formats (by extension) and video containers with the codec written into them.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG"}
+VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
 DEFAULT_VIDEO_EXTENSION = ".mp4"
 DEFAULT_FPS = 30.0
 WEBCAM_INDEX = 0
@@ -75,6 +75,8 @@ def parse_args(argv=None):
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ..."
     )
     args = parser.parse_args(argv)
+    if args.output:
+        args.output = os.path.expanduser(args.output)
     if not os.path.isfile(args.config_file):
         parser.error(f"--config-file {args.config_file} does not exist")
     if args.batch_size < 1:
@@ -110,13 +112,15 @@ def display_available():
 def expand_inputs(patterns):
     """
     Files of ``--input``: files as given, directories' image files (by extension, sorted, not
-    recursive) and glob matches (sorted, ``**`` recursive).
+    recursive) and glob matches (sorted, ``**`` recursive); a leading ``~`` is expanded (quoted
+    patterns reach us unexpanded).
 
     Returns:
         tuple[list[str], list[str]]: the files, and the arguments that matched nothing.
     """
     paths, unmatched = [], []
-    for pattern in patterns:
+    for argument in patterns:
+        pattern = os.path.expanduser(argument)
         if os.path.isdir(pattern):
             found = [
                 os.path.join(pattern, name)
@@ -131,7 +135,7 @@ def expand_inputs(patterns):
         if found:
             paths.extend(found)
         else:
-            unmatched.append(pattern)
+            unmatched.append(argument)
     return paths, unmatched
 
 

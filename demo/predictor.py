@@ -4,7 +4,8 @@ common mode, drawing the enabled outputs with detectron2's ``Visualizer``, and r
 
 A visualisation is one RGB image with a titled panel per output that the config turns on
 (``MODEL.MASK_FORMER.TEST.{PANOPTIC_ON,INSTANCE_ON,SEMANTIC_ON}``), side by side in the order
-panoptic, instances, semantic.
+panoptic, instances, semantic. On videos, instances and thing segments are drawn with detectron2's
+``VideoVisualizer``, which keeps an object's colour from frame to frame.
 """
 
 import logging
@@ -14,6 +15,7 @@ import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.utils.colormap import colormap
+from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image, ImageOps
 
@@ -151,23 +153,38 @@ class VisualizationDemo:
         predictions = self.predictor(list(images))
         return [(p, self.draw(image, p)) for image, p in zip(images, predictions)]
 
-    def draw(self, image, prediction):
-        """One titled panel per output present in ``prediction``, side by side (RGB)."""
+    def draw(self, image, prediction, video_visualizers=None):
+        """One titled panel per output present in ``prediction``, side by side (RGB).
+
+        Args:
+            video_visualizers (dict or None): per output key, a ``VideoVisualizer`` that tracks
+                the objects of consecutive frames (see :meth:`run_on_video`).
+        """
+        video_visualizers = video_visualizers or {}
         panels = [
-            _with_title(self._draw_task(task, image, prediction[task]), title)
+            _with_title(
+                self._draw_task(task, image, prediction[task], video_visualizers.get(task)), title
+            )
             for task, (_, title) in TASKS.items()
             if task in prediction
         ]
         return np.concatenate(panels, axis=1)
 
-    def _draw_task(self, task, image, output):
+    def _draw_task(self, task, image, output, video_visualizer=None):
         visualizer = Visualizer(image, self.metadata, instance_mode=ColorMode.IMAGE)
         if task == "panoptic_seg":
             panoptic_seg, segments_info = output
+            if video_visualizer is not None:
+                drawn = video_visualizer.draw_panoptic_seg_predictions(
+                    image, panoptic_seg.cpu(), segments_info
+                )
+                return drawn.get_image()
             return visualizer.draw_panoptic_seg(panoptic_seg.cpu(), segments_info).get_image()
         if task == "instances":
             instances = output.to("cpu")
             instances = instances[instances.scores > self.confidence_threshold]
+            if video_visualizer is not None:
+                return video_visualizer.draw_instance_predictions(image, instances).get_image()
             return visualizer.draw_instance_predictions(instances).get_image()
         return visualizer.draw_sem_seg(output.argmax(dim=0).cpu()).get_image()
 
@@ -176,15 +193,23 @@ class VisualizationDemo:
         Predicts and draws every frame of an opened ``cv2.VideoCapture``, ``batch_size`` frames
         per forward pass (frames share their size, so batching does not change the results).
 
+        Instances and thing segments keep their colours from frame to frame (detectron2's
+        ``VideoVisualizer`` matches them to the previous frames' objects).
+
         Yields:
             np.ndarray: the visualisation of each frame, BGR (for ``cv2.VideoWriter``).
         """
+        trackers = {
+            task: VideoVisualizer(self.metadata, ColorMode.IMAGE)
+            for task in ("panoptic_seg", "instances")
+        }
         while True:
             frames = _read_frames(capture, self.batch_size)
             if not frames:
                 return
-            results = self.run_on_images([frame[:, :, ::-1] for frame in frames])
-            for _, vis in results:
+            images = [np.ascontiguousarray(frame[:, :, ::-1]) for frame in frames]
+            for image, prediction in zip(images, self.predictor(images)):
+                vis = self.draw(image, prediction, trackers)
                 yield np.ascontiguousarray(vis[:, :, ::-1])
 
 

@@ -183,6 +183,62 @@ def test_video_is_written_frame_by_frame(demo, vis, config_file, tmp_path):
     assert frames[0].shape == (64 + vis.TITLE_HEIGHT, NUM_PANELS * 80, 3)
 
 
+class _RepeatedFrames:
+    """A ``cv2.VideoCapture`` stand-in returning the same BGR frame ``count`` times."""
+
+    def __init__(self, frame, count):
+        self.frame, self.count = frame, count
+
+    def read(self):
+        if self.count == 0:
+            return False, None
+        self.count -= 1
+        return True, self.frame.copy()
+
+
+def _two_objects(height, width, num_classes):
+    """A prediction with two separate square instances (classes 0 and 1), panoptic segments and
+    a semantic map."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    masks = torch.zeros(2, height, width)
+    masks[0, 5:25, 5:25] = 1
+    masks[1, 30:60, 40:75] = 1
+    instances = Instances((height, width))
+    instances.pred_masks = masks
+    instances.pred_boxes = Boxes(torch.tensor([[5.0, 5, 25, 25], [40, 30, 75, 60]]))
+    instances.scores = torch.tensor([0.9, 0.8])
+    instances.pred_classes = torch.tensor([0, 1])
+    panoptic = (masks[0] + 2 * masks[1]).to(torch.int32)
+    segments = [
+        {"id": 1, "isthing": True, "category_id": 0},
+        {"id": 2, "isthing": True, "category_id": 1},
+    ]
+    sem_seg = torch.zeros(num_classes, height, width)
+    return {"instances": instances, "panoptic_seg": (panoptic, segments), "sem_seg": sem_seg}
+
+
+def test_video_keeps_instance_colours_from_frame_to_frame(vis, config_file, monkeypatch):
+    """Still images get random instance colours (as detectron2's Visualizer draws them); on a
+    video the VideoVisualizer matches objects to the previous frames and keeps their colours."""
+    cfg = get_cfg()
+    add_mask_former_config(cfg)
+    cfg.merge_from_file(config_file)
+    demo = vis.VisualizationDemo(cfg, confidence_threshold=0.0)
+    height, width = 64, 80
+    prediction = _two_objects(height, width, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
+    monkeypatch.setattr(demo, "predictor", lambda images: [prediction for _ in images])
+    frame = rgb_image(height, width, seed=7)
+    things = slice(0, 2 * width)  # the panoptic and instance panels
+    np.random.seed(0)
+    drawn = [v[:, things] for v in demo.run_on_video(_RepeatedFrames(frame, 3))]
+    assert len(drawn) == 3
+    assert np.array_equal(drawn[0], drawn[1]) and np.array_equal(drawn[1], drawn[2])
+    stills = [demo.run_on_images([frame[:, :, ::-1]])[0][1][:, things] for _ in range(2)]
+    assert not np.array_equal(stills[0], stills[1])
+
+
 def test_missing_video_fails(demo, config_file, tmp_path, demo_log):
     code = demo.main(
         [
@@ -216,7 +272,7 @@ def test_command_line_errors(demo, config_file, tmp_path, monkeypatch, capsys, e
 
 def test_bad_video_extension_is_a_command_line_error(demo, config_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        demo.main(["--config-file", config_file, "--video-input", "x.avi", "--output", "x.mkv"])
+        demo.main(["--config-file", config_file, "--video-input", "x.avi", "--output", "x.flv"])
     assert "unsupported video extension" in capsys.readouterr().err
 
 
@@ -253,6 +309,23 @@ def test_inputs_expand_folders_globs_and_keep_stems_apart(demo, tmp_path):
     assert unmatched == [str(tmp_path / "none*")]
     names = demo.output_paths(paths, "out")
     assert names == ["out/x.png", "out/y.png", "out/x_2.png", "out/x_3.png"]
+
+
+def test_inputs_and_output_expand_the_home_folder(demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Image.fromarray(rgb_image(8, 8)).save(tmp_path / "x.png")
+    paths, unmatched = demo.expand_inputs(["~/*.png", "~/none*"])
+    assert paths == [str(tmp_path / "x.png")] and unmatched == ["~/none*"]
+    config = tmp_path / "c.yaml"
+    config.write_text("")
+    _, args = demo.parse_args(["--config-file", str(config), "--input", "a", "--output", "~/v"])
+    assert args.output == str(tmp_path / "v")
+
+
+@pytest.mark.parametrize("name", ["out.mp4", "out.mkv", "out.avi", "out.mov"])
+def test_video_output_file_names(demo, tmp_path, name):
+    assert demo.video_output_path(str(tmp_path / name), "clip.avi") == str(tmp_path / name)
+    assert demo.video_output_path(str(tmp_path), "clip.avi") == str(tmp_path / "clip.mp4")
 
 
 def test_metadata_of_the_test_dataset_or_generic_names(vis, config_file, demo_log):
