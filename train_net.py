@@ -16,7 +16,7 @@ from collections import OrderedDict
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import verify_results
 from detectron2.projects.deeplab import build_lr_scheduler
@@ -26,6 +26,7 @@ from detectron2.utils.logger import setup_logger
 from mask_former import add_mask_former_config  # importing mask_former registers everything
 from mask_former.data.dataset_mappers import DATASET_MAPPERS
 from mask_former.engine import (
+    MostCommonLRScheduler,
     build_optimizer,
     build_step_trainer,
     create_ddp_model,
@@ -96,6 +97,13 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+    def build_hooks(self):
+        # Our parameter groups are merged: log the "lr" most parameters have, as published.
+        return [
+            MostCommonLRScheduler() if type(hook) is hooks.LRScheduler else hook
+            for hook in super().build_hooks()
+        ]
 
     @classmethod
     def test_with_TTA(cls, cfg, model):

@@ -8,6 +8,7 @@ from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from torch import nn
 
 from mask_former.engine import build_optimizer, get_param_groups
+from mask_former.engine.optimizer import most_common_lr_group
 
 BASE_LR, MULTIPLIER = 1.0, 0.1
 DECAY, DECAY_NORM, DECAY_EMBED = 0.05, 0.25, 0.5
@@ -243,3 +244,27 @@ def test_adamw_is_not_fused_under_cuda_amp():
     cfg.SOLVER.AMP.ENABLED = False
     optimizer = build_optimizer(cfg, _Toy())
     assert all(g["fused"] for g in optimizer.param_groups)
+
+
+def test_logged_lr_is_the_one_most_parameters_have():
+    """The published optimizer has a group per parameter, so detectron2's LRScheduler hook logs
+    the most common learning rate; with merged groups it would pick the largest group's."""
+    from detectron2.engine.hooks import LRScheduler
+
+    params = [nn.Parameter(torch.zeros(1)) for _ in range(7)]
+    optimizer = torch.optim.SGD(
+        [
+            {"params": params[:3], "lr": 1e-4},
+            {"params": params[3:5], "lr": 1e-5, "weight_decay": 0.0},
+            {"params": params[5:], "lr": 1e-5},
+        ],
+        lr=1e-4,
+    )
+    assert LRScheduler.get_best_param_group_id(optimizer) == 0  # the largest group
+    assert most_common_lr_group(optimizer) == 1  # 4 parameters have 1e-5
+    per_parameter = torch.optim.SGD(
+        [{"params": [p], "lr": g["lr"]} for g in optimizer.param_groups for p in g["params"]],
+        lr=1e-4,
+    )
+    published = per_parameter.param_groups[LRScheduler.get_best_param_group_id(per_parameter)]
+    assert published["lr"] == optimizer.param_groups[most_common_lr_group(optimizer)]["lr"]

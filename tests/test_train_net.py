@@ -17,7 +17,7 @@ from conftest import REPO, SHARED, TINY_OVERRIDES, load_script, set_flat, tiny_c
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
-from detectron2.engine import HookBase, SimpleTrainer, default_argument_parser
+from detectron2.engine import HookBase, SimpleTrainer, default_argument_parser, hooks
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
     CityscapesSemSegEvaluator,
@@ -40,7 +40,11 @@ from mask_former import add_mask_former_config
 from mask_former.data.datasets import shapes
 from mask_former.engine import amp_enabled, build_step_trainer
 from mask_former.engine.defaults import LeanAMPTrainer, LeanSimpleTrainer
-from mask_former.engine.optimizer import NORM_MODULE_TYPES
+from mask_former.engine.optimizer import (
+    NORM_MODULE_TYPES,
+    MostCommonLRScheduler,
+    most_common_lr_group,
+)
 from mask_former.evaluation import (
     EVALUATORS,
     InstanceSegEvaluator,
@@ -720,6 +724,10 @@ def test_resume_continues_from_the_saved_iteration(shapes_prefix, tmp_path):
     trainer.register_hooks([recorder])
     trainer.train()
     assert recorder.iterations == [2, 3]
+    # "lr" is logged by the hook that reports the learning rate most parameters have
+    lr_hooks = [h for h in trainer._hooks if isinstance(h, hooks.LRScheduler)]
+    assert [type(h) for h in lr_hooks] == [MostCommonLRScheduler]
+    assert lr_hooks[0]._best_param_group_id == most_common_lr_group(trainer.optimizer)
     assert torch.load(tmp_path / "model_final.pth", weights_only=False)["iteration"] == 3
 
 

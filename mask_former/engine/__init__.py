@@ -4,11 +4,12 @@ allocator tuning) and the batched predictor."""
 from .defaults import amp_enabled, build_step_trainer, create_ddp_model, use_cpu_without_cuda
 from .launch import launch
 from .malloc import tune_malloc
-from .optimizer import build_optimizer, get_param_groups
+from .optimizer import MostCommonLRScheduler, build_optimizer, get_param_groups
 from .predictor import BatchPredictor
 
 __all__ = [
     "BatchPredictor",
+    "MostCommonLRScheduler",
     "amp_enabled",
     "build_optimizer",
     "build_step_trainer",

@@ -14,18 +14,27 @@ hyperparameters by module type (norm layers only) and by a parameter's own name 
 the same way and reuses detectron2's ``reduce_param_groups`` to merge equal groups.
 """
 
+import collections
 import inspect
 import itertools
 import logging
 from typing import Any, Dict, List
 
 import torch
+from detectron2.engine import hooks
 from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 from detectron2.utils.env import TORCH_VERSION
 from torch import nn
 
-__all__ = ["build_optimizer", "fused_adamw_available", "get_param_groups", "NORM_MODULE_TYPES"]
+__all__ = [
+    "build_optimizer",
+    "fused_adamw_available",
+    "get_param_groups",
+    "most_common_lr_group",
+    "MostCommonLRScheduler",
+    "NORM_MODULE_TYPES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -201,3 +210,29 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         len(params),
     )
     return optimizer_type(params, lr=solver.BASE_LR, **kwargs)
+
+
+def most_common_lr_group(optimizer: torch.optim.Optimizer) -> int:
+    """Index of the first parameter group whose learning rate the most parameters have.
+
+    The published optimizer has one group per parameter, so detectron2's ``LRScheduler`` hook logs
+    that learning rate as "lr". Our groups are merged (:func:`get_param_groups`), and the hook would
+    log the learning rate of the group with the most parameters instead, which can differ (e.g. the
+    backbone's rate when a multiplier applies, spread over several groups).
+    """
+    # By the base learning rates (set by the LR scheduler), which keep their ratios over training.
+    base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    counts = collections.Counter()
+    for lr, group in zip(base_lrs, optimizer.param_groups):
+        counts[lr] += len(group["params"])
+    most_common = counts.most_common(1)[0][0]
+    return base_lrs.index(most_common)
+
+
+class MostCommonLRScheduler(hooks.LRScheduler):
+    """detectron2's ``LRScheduler`` hook logging, as "lr", the learning rate that the most
+    parameters have (:func:`most_common_lr_group`), as it does for the published optimizer."""
+
+    def before_train(self):
+        super().before_train()
+        self._best_param_group_id = most_common_lr_group(self._optimizer)
