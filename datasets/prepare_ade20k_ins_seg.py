@@ -64,7 +64,7 @@ def instance_annotations(annotation, image_id, first_id):
                 "category_id": category_id,
                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
                 "area": int(mask_util.area(rle)),
-                "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                "bbox": [int(v) for v in mask_util.toBbox(rle)],  # integers, as published
                 "iscrowd": 0,
             }
         )

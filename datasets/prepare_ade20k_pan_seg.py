@@ -17,12 +17,17 @@ are the 0-based ADE20K-150 ids; image ids the number in the file name (``ADE_tra
 Stuff segments come from the semantic map (one per stuff class), thing segments from the instance
 map (one per instance of a thing class), pasted over the stuff where the two overlap. Thing-class
 pixels of the semantic map outside every instance are void. Segment ids are 1, 2, ... per image
-(stuff first); areas and boxes are measured on the final map, and empty segments are dropped.
+(stuff first; the published script uses panopticapi's colour-derived ids, which mean the same).
+As published, a stuff segment's area and box are those of its whole semantic region, measured
+before the things are pasted over it, and a stuff segment the things cover completely is kept:
+panopticapi's PQ reads the ground-truth areas from the json, so this keeps PQ comparable with the
+published numbers.
 
 Usage: python datasets/prepare_ade20k_pan_seg.py [--root DATASETS]
 """
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -64,6 +69,13 @@ def segment_info(segment_id, category_id, mask):
 def panoptic_segments(semantic, instances):
     """Combines an ADE20K semantic map and its instances into one panoptic segment map.
 
+    As published: one segment per stuff class of the semantic map, then the thing instances
+    pasted over them (thing pixels of the semantic map outside every instance stay void). A stuff
+    segment's ``area`` and ``bbox`` are those of its semantic region, measured before the things
+    are pasted, so they include pixels an instance took over, and a stuff segment that the
+    instances cover completely is kept (panopticapi's PQ reads the ground-truth areas from the
+    json, so this keeps PQ comparable with the published numbers).
+
     Args:
         semantic (np.ndarray): [H, W] uint8, 0 "other", 1..150 the classes.
         instances (np.ndarray): [H, W, 3] uint8 ``annotations_instance`` PNG.
@@ -73,20 +85,17 @@ def panoptic_segments(semantic, instances):
         ``segments_info``.
     """
     segment_map = np.zeros(semantic.shape, np.int32)
-    categories = []
-    for value in np.unique(semantic[semantic > 0]):
-        if int(value) - 1 not in THING_IDS:
-            categories.append(int(value) - 1)
-            segment_map[semantic == value] = len(categories)
-    for category_id, mask in decode_ade20k_instances(instances):
-        if category_id in THING_IDS:
-            categories.append(category_id)
-            segment_map[mask] = len(categories)
     segments = []
-    for segment_id, category_id in enumerate(categories, 1):
-        mask = segment_map == segment_id
-        if mask.any():
-            segments.append(segment_info(segment_id, category_id, mask))
+    stuff = (
+        (int(value) - 1, semantic == value)
+        for value in np.unique(semantic[semantic > 0])
+        if int(value) - 1 not in THING_IDS
+    )
+    things = ((c, mask) for c, mask in decode_ade20k_instances(instances) if c in THING_IDS)
+    for category_id, mask in itertools.chain(stuff, things):
+        segment_id = len(segments) + 1
+        segment_map[mask] = segment_id
+        segments.append(segment_info(segment_id, category_id, mask))
     return segment_map, segments
 
 

@@ -148,9 +148,11 @@ def test_prepare_ade20k_full_sem_seg_missing_index(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 # (id, category, area, bbox) of ADE_val_00000001: wall and floor from the semantic map (stuff
-# first), then the bed and the person instances; the instance without a class is dropped.
+# first), then the bed and the person instances; the instance without a class is dropped. As
+# published, the wall's area and box are those of its semantic region (15 pixels, 8 wide), though
+# the person takes 4 of its pixels in the panoptic map.
 ADE_VAL1_SEGMENTS = [
-    (1, 0, 11, [0, 0, 6, 2]),
+    (1, 0, 15, [0, 0, 8, 2]),
     (2, 3, 16, [0, 2, 4, 4]),
     (3, 7, 12, [4, 2, 3, 4]),
     (4, 12, 4, [6, 0, 2, 2]),
@@ -174,6 +176,23 @@ def test_ade20k_panoptic_segments():
         (s["id"], s["category_id"], s["area"], s["bbox"]) for s in segments
     ] == ADE_VAL1_SEGMENTS
     assert all(s["iscrowd"] == 0 for s in segments)
+
+
+def test_ade20k_panoptic_keeps_covered_stuff_as_published():
+    """A stuff region that an instance covers completely keeps its segment (and its semantic
+    area), as in the published json, although no pixel of the panoptic map shows it."""
+    script = load_prepare_script("prepare_ade20k_pan_seg")
+    semantic = np.array([[1, 1], [4, 4]], np.uint8)  # wall (id 0) above floor (id 3)
+    classes = np.array([[4, 4], [0, 0]], np.uint8)  # a person (ADE20K-150 id 12) over the wall
+    ids = np.array([[1, 1], [0, 0]], np.uint8)
+    instances = np.stack([classes, ids, np.zeros_like(ids)], axis=-1)
+    segment_map, segments = script.panoptic_segments(semantic, instances)
+    assert segment_map.tolist() == [[3, 3], [2, 2]]
+    assert [(s["id"], s["category_id"], s["area"], s["bbox"]) for s in segments] == [
+        (1, 0, 2, [0, 0, 2, 1]),
+        (2, 3, 2, [0, 1, 2, 1]),
+        (3, 12, 2, [0, 0, 2, 1]),
+    ]
 
 
 def test_prepare_ade20k_pan_seg(tmp_path):
