@@ -149,6 +149,41 @@ def test_own_pth_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b), k
 
 
+def _published_head_key_move(state_dict, prefix="sem_seg_head."):
+    """What the published heads' load hook does with a checkpoint: when the head's recorded
+    version is missing or below 2, every key under the head but ``predictor.*`` is moved under
+    ``pixel_decoder.``."""
+    version = state_dict._metadata.get(prefix[:-1], {}).get("version")
+    if version is not None and version >= 2:
+        return dict(state_dict)
+    return {
+        (
+            k.replace(prefix, prefix + "pixel_decoder.", 1)
+            if k.startswith(prefix) and not k.startswith(prefix + "predictor.")
+            else k
+        ): v
+        for k, v in state_dict.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        "configs/ade20k-150/maskformer_R50_bs16_160k.yaml",
+        "configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml",
+        "configs/ade20k-150/per_pixel_baseline_R50_bs16_160k.yaml",
+    ],
+)
+def test_own_checkpoints_load_unchanged_in_the_published_code(tmp_path, config):
+    """Our heads record module version 2, as the published ones do, so the published load hook
+    leaves the keys of our checkpoints as they are."""
+    model = build_model(tiny_cfg(config))
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
+    assert saved._metadata["sem_seg_head"]["version"] == 2
+    assert list(_published_head_key_move(saved)) == list(model.state_dict())
+
+
 def test_model_zoo_md_lists_every_config_and_the_recorded_ones():
     text = (REPO / "MODEL_ZOO.md").read_text()
     rows = re.findall(r"^\| `(configs/[^`]+\.yaml)` \|.*\| (\w+) \|$", text, flags=re.M)

@@ -7,6 +7,8 @@ import functools
 import logging
 import pickle
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -233,3 +235,34 @@ def test_refuses_checkpoints_without_the_expected_keys(tmp_path):
         resnet.keys()
     )
     assert convert_swin.load_swin_state_dict(_save(tmp_path / "ok.pth", {"model": swin_keys}))
+
+
+@pytest.mark.parametrize(
+    "published_name, tool",
+    [
+        ("convert-pretrained-swin-model-to-d2.py", "convert_swin_to_d2"),
+        ("convert-torchvision-to-d2.py", "convert_torchvision_to_d2"),
+    ],
+)
+def test_published_script_names_run_the_converters(tmp_path, published_name, tool):
+    """The published READMEs call the converters by these names, from the repository root."""
+    if tool == "convert_swin_to_d2":
+        torch.save({"model": swin_imagenet_state_dict()}, tmp_path / "in.pth")
+    else:
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "in.pth")
+    subprocess.run(
+        [
+            sys.executable,
+            f"tools/{published_name}",
+            str(tmp_path / "in.pth"),
+            str(tmp_path / "a.pkl"),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    load_tool(tool).main([str(tmp_path / "in.pth"), str(tmp_path / "b.pkl")])
+    published, ours = read_pkl(tmp_path / "a.pkl"), read_pkl(tmp_path / "b.pkl")
+    assert list(published["model"]) == list(ours["model"])
+    assert all(np.array_equal(published["model"][k], v) for k, v in ours["model"].items())

@@ -108,7 +108,14 @@ def common_head_config(cfg, input_shape):
 
 
 class PixelDecoderLayoutMixin:
-    """Lets a head load checkpoints in both pixel-decoder layouts (see move_pixel_decoder_keys)."""
+    """Lets a head load checkpoints in both pixel-decoder layouts (see move_pixel_decoder_keys).
+
+    The heads' module version is 2, as published: the published heads move every key but
+    ``predictor.*`` under ``pixel_decoder.`` when a checkpoint records an older version, so our
+    checkpoints must record 2 to load unchanged there.
+    """
+
+    _version = 2
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         move_pixel_decoder_keys(state_dict, prefix, type(self).__name__)
