@@ -281,6 +281,27 @@ def test_gradient_checkpointing_gives_same_outputs_and_gradients(monkeypatch):
     assert not calls
 
 
+def test_initialisation_is_the_published_one():
+    """As published: the Linear layers keep PyTorch's default initialisation (the published
+    truncated-normal ``init_weights`` is never applied), and the position tables are drawn with
+    timm's ``trunc_normal_`` of std 0.02 when they are made."""
+    torch.manual_seed(0)
+    model = tiny_swin(ape=True, pretrain_img_size=24).requires_grad_(False)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for linear in linears:
+        bound = 1 / math.sqrt(linear.in_features)  # nn.Linear's default: uniform(-bound, bound)
+        assert linear.weight.abs().max() <= bound
+        if linear.bias is not None:  # (patch merging has none)
+            assert 0 < linear.bias.abs().max() <= bound
+    # the default's spread (bound / sqrt(3)), not the truncated normal's 0.02
+    qkv = model.layers[0].blocks[0].attn.qkv.weight
+    assert qkv.std() == pytest.approx(1 / math.sqrt(3 * qkv.shape[1]), rel=0.15)
+    table = model.layers[0].blocks[0].attn.relative_position_bias_table
+    # (timm's trunc_normal_ cuts at +-2, i.e. at 100 std: in effect a normal distribution)
+    assert table.std() == pytest.approx(0.02, rel=0.3)
+    assert model.absolute_pos_embed.std() == pytest.approx(0.02, rel=0.3)
+
+
 def test_drop_path_rises_linearly_and_is_off_in_eval():
     model = tiny_swin(drop_path_rate=0.3)
     rates = [

@@ -396,13 +396,6 @@ class PatchEmbed(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-def _init_linear(module: nn.Module):
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=INIT_STD)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 @BACKBONE_REGISTRY.register()
 class D2SwinTransformer(Backbone):
     """
@@ -493,7 +486,10 @@ class D2SwinTransformer(Backbone):
         # One norm per stage, whether output or not: the published checkpoints hold all of them.
         for i, name in enumerate(stage_names):
             self.add_module(f"norm{i}", nn.LayerNorm(self._out_feature_channels[name]))
-        self.apply(_init_linear)
+        # As published, the Linear layers keep PyTorch's default initialisation: the published
+        # backbone defines a truncated-normal init_weights but never applies it (the ImageNet
+        # checkpoints replace these weights anyway; this keeps the random stream, and with it the
+        # initial head weights at a given seed, as published).
 
     @staticmethod
     def _build_stages(embed_dim, depths, num_heads, *, drop_path_rate, **block_args):
