@@ -93,7 +93,8 @@ def enabled_tasks(cfg):
 def visualization_metadata(cfg):
     """
     Class names and colours to draw with: the metadata of ``cfg.DATASETS.TEST[0]`` when it names
-    every class the enabled outputs need, otherwise :func:`generic_metadata` (with a warning).
+    every class the enabled outputs need (see :func:`things_by_contiguous_id`), otherwise
+    :func:`generic_metadata` (with a warning).
     """
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
@@ -113,7 +114,29 @@ def visualization_metadata(cfg):
             ", ".join(problems),
         )
         return generic_metadata(num_classes)
-    return metadata
+    return things_by_contiguous_id(metadata)
+
+
+def things_by_contiguous_id(metadata):
+    """Metadata whose ``thing_classes``/``thing_colors`` can be indexed by contiguous class id.
+
+    detectron2's ``Visualizer`` looks thing names and colours up by the predicted (contiguous)
+    class id. Where thing ids run past the thing lists, as for ``ade20k_panoptic_*`` (100
+    ``thing_classes``, thing ids up to 149, as Mask2Former registers it), that would name things
+    wrongly or fail with an IndexError; the full ``stuff_classes``/``stuff_colors`` lists are then
+    used for things too (as MaskFormer registers that dataset).
+    """
+    mapping = metadata.get("thing_dataset_id_to_contiguous_id")
+    things, names = metadata.get("thing_classes"), metadata.get("stuff_classes")
+    if not mapping or not things or not names:
+        return metadata
+    largest = max(mapping.values())
+    if largest < len(things) or largest >= len(names):
+        return metadata
+    fields = dict(metadata.as_dict(), thing_classes=list(names))
+    if metadata.get("stuff_colors"):
+        fields["thing_colors"] = list(metadata.stuff_colors)
+    return Metadata(**fields)
 
 
 class VisualizationDemo:

@@ -341,3 +341,29 @@ def test_metadata_of_the_test_dataset_or_generic_names(vis, config_file, demo_lo
     assert metadata.stuff_classes == [f"class {i}" for i in range(len(SHAPES_NAMES))]
     assert len(metadata.thing_colors) == len(SHAPES_NAMES)
     assert "'demo_test_unregistered' lacks" in demo_log.records[-1].getMessage()
+
+
+def test_ade20k_panoptic_things_are_drawn_by_their_contiguous_id(vis):
+    """Mask2Former registers ade20k_panoptic_* with the 100 thing names only, while thing ids run
+    up to 149: the demo draws things with the full class list (no IndexError, right names)."""
+    import torch
+    from detectron2.utils.visualizer import Visualizer
+
+    registered = MetadataCatalog.get("ade20k_panoptic_val")
+    assert len(registered.thing_classes) == 100
+    metadata = vis.things_by_contiguous_id(registered)
+    person = registered.stuff_classes.index("person")
+    assert metadata.thing_classes[person] == "person" and len(metadata.thing_colors) == 150
+    panoptic = torch.zeros(8, 8, dtype=torch.int32)
+    panoptic[:4], panoptic[4:] = 1, 2
+    segments = [
+        {"id": 1, "isthing": True, "category_id": 149},  # the last thing id ("flag")
+        {"id": 2, "isthing": True, "category_id": person},
+    ]
+    image = rgb_image(8, 8)
+    with pytest.raises(IndexError):
+        Visualizer(image, registered).draw_panoptic_seg(panoptic, segments)
+    drawn = Visualizer(image, metadata).draw_panoptic_seg(panoptic, segments)
+    assert drawn.get_image().shape == (8, 8, 3)
+    coco = MetadataCatalog.get("coco_2017_val_panoptic")
+    assert vis.things_by_contiguous_id(coco) is coco  # thing ids 0..79 index its 80 names
