@@ -133,6 +133,16 @@ class PerPixelBaselinePlusHead(PerPixelBaselineHead):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        queries, classes = (
+            cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
+            cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+        )
+        if queries != classes:
+            raise ValueError(
+                f"{cls.__name__} predicts one query per class: MODEL.MASK_FORMER."
+                f"NUM_OBJECT_QUERIES ({queries}) must equal MODEL.SEM_SEG_HEAD.NUM_CLASSES "
+                f"({classes})"
+            )
         ret = super().from_config(cfg, input_shape)
         ret["transformer_in_feature"] = cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE
         ret["transformer_predictor"] = build_transformer_decoder(
