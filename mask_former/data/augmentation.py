@@ -1,7 +1,7 @@
 """Training augmentations of the MaskFormer / Mask2Former dataset mappers.
 
 :func:`build_augmentations` is the one place that turns a config into an augmentation list; the
-dataset mappers and ``train_net.py`` both call it. The kinds follow the published mappers:
+dataset mappers call it. The kinds follow the published mappers:
 
 - ``"semantic"``: ResizeShortestEdge, category-area-constrained crop, SSD colour jitter, flip
   (``mask_former_semantic`` and ``mask_former_panoptic``).

@@ -5,7 +5,7 @@ A forward pass or training step allocates and frees tensors of tens to hundreds 
 glibc's defaults, blocks above a dynamic threshold (at most 32 MB) are separate ``mmap`` regions
 that are unmapped on free, and the top of the heap is trimmed as soon as 128 KB are free, so
 every step faults the same memory in again from zero pages. On the 2-core development VM this
-costs 10-15% of a MaskFormer R50 forward pass at 512x512. Raising both thresholds makes freed
+costs about 16% of a MaskFormer R50 forward pass at 512x512 (0.83 -> 0.70 s). Raising both thresholds makes freed
 memory reusable; results are unchanged, and the process keeps (reuses) its peak memory instead of
 returning it between steps.
 
