@@ -8,6 +8,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_sem_seg_head
 
 from mask_former import add_mask_former_config
+from mask_former.modeling.meta_arch.mask_former_model import final_predictions_only
 
 ATOL = RTOL = 1e-5
 
@@ -44,11 +45,12 @@ def test_head_matches_golden(name, decoder):
     head = build_golden_head(golden)
     assert type(head.pixel_decoder).__name__ == decoder
     with torch.no_grad():
-        # Eval mode skips the intermediate predictions (only the losses use them) ...
-        lean = head(golden["features"])
-        # ... unless asked for, as the published decoder always computes them.
-        head.predictor.aux_outputs_in_eval = True
+        # Eval mode returns the intermediate predictions, as the published decoder does ...
         out = head(golden["features"])
+        # ... and skips them inside final_predictions_only (the meta-architecture's inference).
+        with final_predictions_only(head):
+            lean = head(golden["features"])
+        assert head.predictor.aux_outputs_in_eval  # restored
         mask_features, encoder_features, multi_scale = head.pixel_decoder.forward_features(
             golden["features"]
         )

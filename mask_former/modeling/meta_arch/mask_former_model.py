@@ -1,5 +1,6 @@
 """The MaskFormer meta-architecture (also used by Mask2Former configs)."""
 
+import contextlib
 import logging
 from typing import Tuple
 
@@ -16,7 +17,7 @@ from torch.nn import functional as F
 from ..criterion import build_criterion
 from ..postprocessing import instance_inference, panoptic_inference, semantic_inference
 
-__all__ = ["MaskFormer", "resolve_family", "FAMILIES"]
+__all__ = ["MaskFormer", "resolve_family", "FAMILIES", "final_predictions_only"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,24 @@ def resolve_family(cfg):
             f"MODEL.MASK_FORMER.FAMILY must be one of {FAMILIES} or '', got {family!r}"
         )
     return family
+
+
+@contextlib.contextmanager
+def final_predictions_only(head):
+    """Lets the transformer decoder of ``head`` skip its intermediate predictions (``aux_outputs``)
+    inside the context: inference reads only the last prediction. Called directly, the heads
+    return them in eval mode too, as the published ones do; the final outputs are the same either
+    way. Heads whose predictor has no ``aux_outputs_in_eval`` switch are left alone."""
+    predictor = getattr(head, "predictor", None)
+    if not hasattr(predictor, "aux_outputs_in_eval"):
+        yield
+        return
+    previous = predictor.aux_outputs_in_eval
+    predictor.aux_outputs_in_eval = False
+    try:
+        yield
+    finally:
+        predictor.aux_outputs_in_eval = previous
 
 
 def resize_to_output(maps, image_size, height, width):
@@ -213,7 +232,11 @@ class MaskFormer(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
-        outputs = self.sem_seg_head(features)
+        if self.training:
+            outputs = self.sem_seg_head(features)
+        else:
+            with final_predictions_only(self.sem_seg_head):
+                outputs = self.sem_seg_head(features)
         if self.training:
             targets = self.prepare_targets(batched_inputs, images)
             losses = self.criterion(outputs, targets)

@@ -323,11 +323,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.aux_loss = deep_supervision
-        # The intermediate predictions only feed the deep-supervision losses, so eval mode skips
-        # their mask logits and computes each attention mask from the few pixels its resize
-        # reads (same values; the published decoder returns them in eval mode too: set this to
-        # True for that).
-        self.aux_outputs_in_eval = False
+        # Eval mode returns the intermediate predictions too, as the published decoder does. The
+        # MaskFormer meta-architecture turns this off while it runs inference, which reads only
+        # the last prediction (see final_predictions_only): the decoder then skips their mask
+        # logits and computes each attention mask from the few pixels its resize reads (same
+        # values).
+        self.aux_outputs_in_eval = True
         # Set by record_attention_masks(): where forward() logs its attention masks.
         self._attn_mask_log: Optional[List[Tensor]] = None
 

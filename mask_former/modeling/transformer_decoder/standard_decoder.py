@@ -95,10 +95,10 @@ class StandardTransformerDecoder(nn.Module):
         else:
             self.input_proj = nn.Sequential()
         self.aux_loss = deep_supervision
-        # The intermediate predictions only feed the deep-supervision losses, so eval mode skips
-        # them (the published decoder computes and returns them in eval mode too; set this to
-        # True for that).
-        self.aux_outputs_in_eval = False
+        # Eval mode returns the intermediate predictions too, as the published decoder does; the
+        # MaskFormer meta-architecture turns this off while it runs inference, which reads only
+        # the last prediction (see final_predictions_only).
+        self.aux_outputs_in_eval = True
         if mask_classification:
             self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
