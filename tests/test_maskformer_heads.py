@@ -122,3 +122,42 @@ def test_unknown_transformer_in_feature_names_the_choices():
     }
     with pytest.raises(ValueError, match="res9.*pixel_embedding"):
         build_sem_seg_head(cfg_with(flat), shapes)
+
+
+def test_pixel_decoder_registered_the_published_way():
+    """A pixel decoder written for the published code: registered in detectron2's
+    SEM_SEG_HEADS_REGISTRY and returning (mask_features, transformer_encoder_features) only."""
+    from conftest import tiny_cfg
+    from detectron2.modeling import SEM_SEG_HEADS_REGISTRY, build_model
+
+    from mask_former.modeling.pixel_decoder import BasePixelDecoder
+
+    class PublishedStylePixelDecoder(BasePixelDecoder):
+        def forward_features(self, features):
+            mask_features, encoder_features, _ = super().forward_features(features)
+            return mask_features, encoder_features
+
+    name = PublishedStylePixelDecoder.__name__
+    SEM_SEG_HEADS_REGISTRY.register(PublishedStylePixelDecoder)
+    try:
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg(MODEL__SEM_SEG_HEAD__PIXEL_DECODER_NAME=name)).eval()
+        torch.manual_seed(0)
+        reference = build_model(tiny_cfg()).eval()
+    finally:
+        SEM_SEG_HEADS_REGISTRY._obj_map.pop(name)
+    assert type(model.sem_seg_head.pixel_decoder) is PublishedStylePixelDecoder
+    inputs = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)}]
+    with torch.no_grad():
+        assert torch.equal(model(inputs)[0]["sem_seg"], reference(inputs)[0]["sem_seg"])
+
+
+def test_pixel_decoder_outputs_are_checked():
+    from mask_former.modeling.pixel_decoder import pixel_decoder_outputs
+
+    class OneOutput(torch.nn.Module):
+        def forward_features(self, features):
+            return features["res2"]
+
+    with pytest.raises(ValueError, match="OneOutput.forward_features must return"):
+        pixel_decoder_outputs(OneOutput(), {"res2": torch.zeros(1)})

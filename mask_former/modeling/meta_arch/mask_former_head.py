@@ -8,7 +8,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
-from ..pixel_decoder import build_pixel_decoder
+from ..pixel_decoder import build_pixel_decoder, pixel_decoder_outputs
 from ..transformer_decoder import build_transformer_decoder
 
 __all__ = [
@@ -52,7 +52,9 @@ def run_pixel_decoder(pixel_decoder, features, transformer_in_feature):
         mask_features (Tensor): [B, MASK_DIM, H/4, W/4].
         transformer_input (Tensor or list[Tensor]): what the transformer decoder reads.
     """
-    mask_features, encoder_features, multi_scale_features = pixel_decoder.forward_features(features)
+    mask_features, encoder_features, multi_scale_features = pixel_decoder_outputs(
+        pixel_decoder, features
+    )
     if transformer_in_feature not in TRANSFORMER_IN_FEATURES:
         return mask_features, features[transformer_in_feature]
     outputs = {

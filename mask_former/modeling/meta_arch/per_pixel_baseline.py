@@ -10,6 +10,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from fvcore.nn import weight_init
 from torch import nn
 
+from ..pixel_decoder import pixel_decoder_outputs
 from ..transformer_decoder import build_transformer_decoder
 from .mask_former_head import (
     PixelDecoderLayoutMixin,
@@ -74,7 +75,7 @@ class PerPixelBaselineHead(PixelDecoderLayoutMixin, nn.Module):
         return self._upsample(logits), {}
 
     def layers(self, features):
-        mask_features, _, _ = self.pixel_decoder.forward_features(features)
+        mask_features, _, _ = pixel_decoder_outputs(self.pixel_decoder, features)
         return self.predictor(mask_features)
 
     def _upsample(self, logits):
