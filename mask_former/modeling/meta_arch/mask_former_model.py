@@ -232,17 +232,15 @@ class MaskFormer(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
-        if self.training:
-            outputs = self.sem_seg_head(features)
-        else:
+        if not self.training:
             with final_predictions_only(self.sem_seg_head):
                 outputs = self.sem_seg_head(features)
-        if self.training:
-            targets = self.prepare_targets(batched_inputs, images)
-            losses = self.criterion(outputs, targets)
-            weights = self.criterion.weight_dict
-            return {k: v * weights[k] for k, v in losses.items() if k in weights}
-        return self.inference(outputs, batched_inputs, images)
+            return self.inference(outputs, batched_inputs, images)
+        outputs = self.sem_seg_head(features)
+        targets = self.prepare_targets(batched_inputs, images)
+        losses = self.criterion(outputs, targets)
+        weights = self.criterion.weight_dict
+        return {k: v * weights[k] for k, v in losses.items() if k in weights}
 
     def preprocess_image(self, batched_inputs):
         """Normalises the images and pads them into an :class:`ImageList`."""
