@@ -249,7 +249,7 @@ def pixels_read_by_downsample(features: Tensor, size: Tuple[int, int]) -> Option
     channels_last = features.is_contiguous(memory_format=torch.channels_last)
     # Slice the pixel pairs from views; the copy keeps the layout (channels-last copies whole
     # channel vectors, and the einsum reads either layout without another copy).
-    x = features.permute(0, 2, 3, 1) if channels_last else features.permute(0, 1, 2, 3)
+    x = features.permute(0, 2, 3, 1) if channels_last else features
     rows, cols = (1, 3) if channels_last else (2, 4)
     x = x.unflatten(rows, (h, fh)).narrow(rows + 1, fh // 2 - 1, 2)
     x = x.unflatten(cols, (w, fw)).narrow(cols + 1, fw // 2 - 1, 2)
