@@ -6,8 +6,11 @@ import copy
 import json
 import logging
 import math
+import platform
+import re
 import uuid
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -39,7 +42,13 @@ from torch import nn
 from mask_former import add_mask_former_config
 from mask_former.data.datasets import shapes
 from mask_former.engine import amp_enabled, build_step_trainer
-from mask_former.engine.defaults import LeanAMPTrainer, LeanSimpleTrainer
+from mask_former.engine import defaults as engine_defaults
+from mask_former.engine.defaults import (
+    LeanAMPTrainer,
+    LeanCPUAutocastTrainer,
+    LeanSimpleTrainer,
+    cpu_bf16_enabled,
+)
 from mask_former.engine.optimizer import (
     NORM_MODULE_TYPES,
     MostCommonLRScheduler,
@@ -295,6 +304,77 @@ def test_step_trainer_frees_gradients_after_the_step():
         ref_optimizer.step()
     for param, ref in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(param, ref)
+
+
+def test_cpu_bf16_trainer_autocasts_the_forward_pass_only(monkeypatch, caplog):
+    # Whether or not this CPU has native bfloat16 (the CI machine's may not).
+    monkeypatch.setattr(engine_defaults, "cpu_has_native_bf16", lambda: True)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    reference = nn.Linear(3, 1)
+    reference.load_state_dict(model.state_dict())
+    batches = [torch.randn(4, 3) for _ in range(2)]
+    seen = []
+
+    class LossModel(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            out = self.inner(x)
+            seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+            return {"loss": out.float().square().mean()}
+
+    cfg = tiny_cfg(SOLVER__AMP__CPU_BF16=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_model = LossModel(model)
+    step_trainer = build_step_trainer(cfg, loss_model, iter(batches), optimizer)
+    assert type(step_trainer) is LeanCPUAutocastTrainer
+    loss_model.eval()
+    assert not step_trainer.model.training  # SimpleTrainer's check sees the wrapped model
+    loss_model.train()
+    with EventStorage(0) as storage:
+        step_trainer.storage = storage
+        for _ in batches:
+            step_trainer.run_step()
+    assert seen == [(True, torch.bfloat16)] * 2
+    assert not torch.is_autocast_enabled("cpu")
+    assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
+    # The updates are SGD's on the gradients of the bfloat16 forward pass.
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for x in batches:
+        ref_optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = reference(x).float().square().mean()
+        loss.backward()
+        ref_optimizer.step()
+    for param, ref in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(param, ref, rtol=0, atol=0)
+    # Off by default; asked for another device or without native bfloat16, it is ignored with a
+    # warning.
+    assert not cpu_bf16_enabled(tiny_cfg())
+    with caplog.at_level(logging.WARNING, logger="mask_former.engine.defaults"):
+        assert cpu_bf16_enabled(cfg) and not caplog.records
+        monkeypatch.setattr(engine_defaults, "cpu_has_native_bf16", lambda: False)
+        assert not cpu_bf16_enabled(cfg)
+        assert type(build_step_trainer(cfg, loss_model, iter(batches), optimizer)) is (
+            LeanSimpleTrainer
+        )
+        cfg.MODEL.DEVICE = "cuda"
+        assert not cpu_bf16_enabled(cfg)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("no native bfloat16" in m and "float32" in m for m in messages)
+    assert any("MODEL.DEVICE is 'cuda'" in m for m in messages)
+
+
+def test_cpu_native_bf16_check_agrees_with_cpuinfo():
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not cpuinfo.exists():
+        pytest.skip("reads the x86 CPU flags of Linux")
+    flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo.read_text(), re.M).group(1).split())
+    expected = bool({"avx512_bf16", "amx_tile"} & flags)
+    assert engine_defaults.cpu_has_native_bf16() is expected
 
 
 @pytest.mark.parametrize("cuda_available,expected", [(False, "cpu"), (True, "cuda:1")])

@@ -44,7 +44,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--num-gt", type=int, default=10, help="ground-truth masks per image")
     parser.add_argument("--no-flops", action="store_true")
-    parser.add_argument("--amp", action="store_true", help="autocast (CUDA only)")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="autocast: float16 with loss scaling on CUDA (SOLVER.AMP.ENABLED), bfloat16 on the "
+        "CPU (SOLVER.AMP.CPU_BF16)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args(argv)
 
@@ -57,6 +62,7 @@ def setup_cfg(args):
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = ""
     cfg.SOLVER.AMP.ENABLED = args.amp  # --amp decides, also for the optimizer build_optimizer makes
+    cfg.SOLVER.AMP.CPU_BF16 = args.amp
     cfg.freeze()
     return cfg
 
@@ -151,7 +157,12 @@ def main(argv=None):
     if not args.no_flops:
         print(f"FLOPs (fvcore, per batch): {count_flops(model, inputs) / 1e9:.2f} G")
 
-    autocast = torch.autocast("cuda", enabled=args.amp and args.device.startswith("cuda"))
+    on_cuda = args.device.startswith("cuda")
+    autocast = torch.autocast(
+        "cuda" if on_cuda else "cpu",
+        dtype=torch.float16 if on_cuda else torch.bfloat16,
+        enabled=args.amp,
+    )
     if args.device.startswith("cuda"):
         # The FLOP count's trace ran in float32: measure inference alone.
         torch.cuda.reset_peak_memory_stats(torch.device(args.device))
@@ -171,7 +182,7 @@ def main(argv=None):
 
     model.train()
     optimizer = build_optimizer(cfg, model)  # as train_net.py: param groups, clipping, fused
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and args.device.startswith("cuda"))
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and on_cuda)
 
     def train_step():
         with autocast:

@@ -7,12 +7,14 @@
 - ``create_ddp_model`` passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects
   for a CPU module (v0.6 and main alike).
 - ``AMPTrainer`` asserts CUDA in v0.6; published Mask2Former configs enable ``SOLVER.AMP``, so on
-  CPU those configs train in fp32 instead (logged).
+  CPU those configs train in fp32 instead (logged). ``SOLVER.AMP.CPU_BF16`` (ours) trains on CPU
+  under ``torch.autocast("cpu", dtype=torch.bfloat16)`` instead.
 
 The step trainers also free the gradients after each optimizer step (see ``LeanSimpleTrainer``).
 """
 
 import logging
+import platform
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
@@ -21,9 +23,12 @@ from detectron2.utils import comm
 
 __all__ = [
     "LeanAMPTrainer",
+    "LeanCPUAutocastTrainer",
     "LeanSimpleTrainer",
     "amp_enabled",
     "build_step_trainer",
+    "cpu_bf16_enabled",
+    "cpu_has_native_bf16",
     "create_ddp_model",
     "use_cpu_without_cuda",
 ]
@@ -71,11 +76,39 @@ def amp_enabled(cfg):
     if torch.device(cfg.MODEL.DEVICE).type == "cuda" and torch.cuda.is_available():
         return True
     logger.warning(
-        "SOLVER.AMP.ENABLED is set but MODEL.DEVICE is %r (CUDA available: %s): AMP skipped, "
-        "training in fp32",
+        "SOLVER.AMP.ENABLED is set but MODEL.DEVICE is %r (CUDA available: %s): CUDA AMP skipped "
+        "(SOLVER.AMP.CPU_BF16 chooses bfloat16 autocast on the CPU)",
         cfg.MODEL.DEVICE,
         torch.cuda.is_available(),
     )
+    return False
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bfloat16 natively: AVX512-BF16 or AMX on x86 (elsewhere, what
+    oneDNN reports). Without it oneDNN emulates bfloat16, which is not faster than float32."""
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_bf16_enabled(cfg):
+    """Whether to train under CPU autocast with bfloat16: ``SOLVER.AMP.CPU_BF16``, the model on
+    the CPU and a CPU with native bfloat16 (:func:`cpu_has_native_bf16`). Logs a warning when it
+    is requested but not used."""
+    if not cfg.SOLVER.AMP.get("CPU_BF16", False):
+        return False
+    if torch.device(cfg.MODEL.DEVICE).type != "cpu":
+        reason = f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} (SOLVER.AMP.ENABLED chooses CUDA AMP)"
+    elif not cpu_has_native_bf16():
+        reason = "this CPU has no native bfloat16 (AVX512-BF16 or AMX), where it would be slower"
+    else:
+        return True
+    logger.warning("SOLVER.AMP.CPU_BF16 is set but %s: training in float32", reason)
     return False
 
 
@@ -113,8 +146,45 @@ class LeanAMPTrainer(_ReleaseGradientsAfterStep, AMPTrainer):
         SimpleTrainer.load_state_dict(self, state_dict)
 
 
+class _BF16AutocastForward:
+    """Calls a model under ``torch.autocast("cpu", dtype=torch.bfloat16)``: the place detectron2's
+    ``SimpleTrainer`` leaves for changing how the losses are computed ("wrap the model"). The
+    backward pass and the optimizer step run outside autocast, on the float32 parameters."""
+
+    def __init__(self, model):
+        self.module = model
+
+    @property
+    def training(self):
+        return self.module.training
+
+    def train(self, mode=True):
+        self.module.train(mode)
+        return self
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            return self.module(*args, **kwargs)
+
+
+class LeanCPUAutocastTrainer(LeanSimpleTrainer):
+    """``LeanSimpleTrainer`` whose forward pass (model and losses) runs under CPU autocast with
+    bfloat16; parameters, gradients and optimizer state stay float32, and bfloat16 needs no
+    loss scaling. The criterion, the matcher and Mask2Former's pixel decoder compute in float32
+    under autocast, as they do under CUDA AMP."""
+
+    def __init__(self, model, data_loader, optimizer, **kwargs):
+        super().__init__(_BF16AutocastForward(model), data_loader, optimizer, **kwargs)
+
+
 def build_step_trainer(cfg, model, data_loader, optimizer):
     """The object running one iteration: detectron2's ``AMPTrainer`` when :func:`amp_enabled`,
-    otherwise ``SimpleTrainer``, both freeing the gradients after each optimizer step."""
-    trainer_type = LeanAMPTrainer if amp_enabled(cfg) else LeanSimpleTrainer
+    :class:`LeanCPUAutocastTrainer` when :func:`cpu_bf16_enabled`, otherwise ``SimpleTrainer``,
+    all freeing the gradients after each optimizer step."""
+    if amp_enabled(cfg):
+        trainer_type = LeanAMPTrainer
+    elif cpu_bf16_enabled(cfg):
+        trainer_type = LeanCPUAutocastTrainer
+    else:
+        trainer_type = LeanSimpleTrainer
     return trainer_type(model, data_loader, optimizer)
