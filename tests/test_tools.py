@@ -1,17 +1,22 @@
 """tools/analyze_model.py (parameters, FLOPs, activations, structure of a tiny model),
 tools/plot_metrics.py (curves from a detectron2 metrics.json) and tools/benchmark_model.py (what
-it reports, not how fast), through their main()."""
+it reports, not how fast), through their main(); tools/run_demo.py's choice of iterations."""
 
 import json
+import logging
 import math
 
 import numpy as np
 import pytest
-from conftest import load_script, tiny_cfg
+import torch
+from conftest import REPO, load_script, tiny_cfg
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from fvcore.nn import FlopCountAnalysis
 from PIL import Image
+
+from mask_former import add_mask_former_config
 
 DATASET = "tools_test_images"
 STEM_CHANNELS = 16  # TINY_OVERRIDES' MODEL.RESNETS.STEM_OUT_CHANNELS
@@ -26,6 +31,7 @@ def load_tool(name):
 analyze_model = load_tool("analyze_model")
 benchmark_model = load_tool("benchmark_model")
 plot_metrics = load_tool("plot_metrics")
+run_demo = load_tool("run_demo")
 
 
 @pytest.fixture(autouse=True)
@@ -63,13 +69,26 @@ def test_parameters_and_structure(tiny_config, capsys):
     assert "MaskFormer(" in out and "| sem_seg_head" in out
 
 
-@pytest.mark.parametrize("train_iters", [0, 1])
-def test_benchmark_model_reports(tiny_config, capsys, train_iters):
+@pytest.mark.parametrize("train_iters,amp", [(0, False), (1, False), (1, True)])
+def test_benchmark_model_reports(tiny_config, capsys, monkeypatch, train_iters, amp):
     config_file, cfg = tiny_config
+    if amp:  # bfloat16 autocast on the CPU: the model's convolutions see it
+        dtypes = []
+        conv2d = torch.nn.functional.conv2d
+
+        def recording_conv2d(*args, **kwargs):
+            enabled = torch.is_autocast_enabled("cpu")
+            dtypes.append(torch.get_autocast_dtype("cpu") if enabled else None)
+            return conv2d(*args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "conv2d", recording_conv2d)
     benchmark_model.main(
         ["--config-file", config_file, "--size", "64x96", "--batch", "2", "--warmup", "0"]
         + ["--iters", "1", "--train-iters", str(train_iters), "--threads", "1"]
+        + ["--amp"] * amp
     )
+    if amp:  # the FLOP count's trace runs in float32
+        assert None in dtypes and torch.bfloat16 in dtypes
     out = capsys.readouterr().out
     expected = sum(p.numel() for p in build_model(cfg).parameters())
     assert f"parameters: {expected / 1e6:.3f} M" in out
@@ -270,3 +289,20 @@ def test_plot_metrics_errors(tmp_path, content, argv, message):
         plot_metrics.main(["--metrics-json", str(tmp_path), *argv])
     assert message in str(exit_info.value.code)
     assert not (tmp_path / "metrics.png").exists()
+
+
+def test_demo_trains_the_float32_iterations_without_native_bf16(monkeypatch, caplog):
+    cfg = get_cfg()
+    add_mask_former_config(cfg)
+    cfg.merge_from_file(str(REPO / run_demo.DEFAULT_CONFIG), allow_unsafe=False)
+    assert cfg.SOLVER.AMP.CPU_BF16 and cfg.SOLVER.MAX_ITER > run_demo.FLOAT32_MAX_ITER
+    monkeypatch.setattr(run_demo, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="mask_former.run_demo"):
+        assert run_demo.demo_max_iter(run_demo.parse_args([])) == run_demo.FLOAT32_MAX_ITER
+    assert any("no native bfloat16" in r.getMessage() for r in caplog.records)
+    # --max-iter and other configs keep their iterations.
+    assert run_demo.demo_max_iter(run_demo.parse_args(["--max-iter", "5"])) == 5
+    other = ["--config-file", "configs/shapes/maskformer2_R18_shapes.yaml"]
+    assert run_demo.demo_max_iter(run_demo.parse_args(other)) is None
+    monkeypatch.setattr(run_demo, "cpu_has_native_bf16", lambda: True)
+    assert run_demo.demo_max_iter(run_demo.parse_args([])) is None
