@@ -331,9 +331,7 @@ def test_cpu_bf16_trainer_autocasts_the_forward_pass_only(monkeypatch, caplog):
     loss_model = LossModel(model)
     step_trainer = build_step_trainer(cfg, loss_model, iter(batches), optimizer)
     assert type(step_trainer) is LeanCPUAutocastTrainer
-    loss_model.eval()
-    assert not step_trainer.model.training  # SimpleTrainer's check sees the wrapped model
-    loss_model.train()
+    assert step_trainer.model is loss_model  # DefaultTrainer.model: evaluation uses it unwrapped
     with EventStorage(0) as storage:
         step_trainer.storage = storage
         for _ in batches:
@@ -741,8 +739,21 @@ def test_main_eval_only_reproduces_training_evaluation_and_runs_tta(trained_sema
     assert (output_dir / "inference_TTA" / "sem_seg_predictions.json").exists()
 
 
-def test_main_trains_and_evaluates_panoptic_with_instances(shapes_prefix, tmp_path):
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_main_trains_and_evaluates_panoptic_with_instances(
+    shapes_prefix, tmp_path, monkeypatch, cpu_bf16
+):
+    autocast_steps = []
+    if cpu_bf16:  # training under CPU autocast, then the usual float32 evaluation
+        monkeypatch.setattr(engine_defaults, "cpu_has_native_bf16", lambda: True)
+        run_step = engine_defaults.CPUAutocastTrainer.run_step
+        monkeypatch.setattr(
+            engine_defaults.CPUAutocastTrainer,
+            "run_step",
+            lambda self: autocast_steps.append(self.iter) or run_step(self),
+        )
     extra = {
+        "SOLVER.AMP.CPU_BF16": cpu_bf16,
         "SOLVER.MAX_ITER": 2,
         "MODEL.MASK_FORMER.TEST.INSTANCE_ON": True,
         "MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD": 0.0,
@@ -755,6 +766,7 @@ def test_main_trains_and_evaluates_panoptic_with_instances(shapes_prefix, tmp_pa
         assert 0.0 <= evaluation[0][key] <= 100.0, key
     for name in ("predictions.json", "coco_instances_results.json", "sem_seg_predictions.json"):
         assert (tmp_path / "inference" / name).exists(), name
+    assert autocast_steps == ([0, 1] if cpu_bf16 else [])
 
 
 class _Crash(Exception):

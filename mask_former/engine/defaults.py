@@ -15,6 +15,7 @@ The step trainers also free the gradients after each optimizer step (see ``LeanS
 
 import logging
 import platform
+import time
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
@@ -22,6 +23,7 @@ from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.utils import comm
 
 __all__ = [
+    "CPUAutocastTrainer",
     "LeanAMPTrainer",
     "LeanCPUAutocastTrainer",
     "LeanSimpleTrainer",
@@ -146,35 +148,38 @@ class LeanAMPTrainer(_ReleaseGradientsAfterStep, AMPTrainer):
         SimpleTrainer.load_state_dict(self, state_dict)
 
 
-class _BF16AutocastForward:
-    """Calls a model under ``torch.autocast("cpu", dtype=torch.bfloat16)``: the place detectron2's
-    ``SimpleTrainer`` leaves for changing how the losses are computed ("wrap the model"). The
-    backward pass and the optimizer step run outside autocast, on the float32 parameters."""
+class CPUAutocastTrainer(SimpleTrainer):
+    """detectron2's ``SimpleTrainer`` whose forward pass (model and losses) runs under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)``, as ``AMPTrainer`` does on CUDA: the backward
+    pass and the optimizer step run outside autocast, parameters, gradients and optimizer state
+    stay float32, and bfloat16 needs no loss scaling. The criterion, the matcher and Mask2Former's
+    pixel decoder compute in float32 under autocast, as they do under CUDA AMP."""
 
-    def __init__(self, model):
-        self.module = model
+    def run_step(self):
+        assert self.model.training, "[CPUAutocastTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
 
-    @property
-    def training(self):
-        return self.module.training
-
-    def train(self, mode=True):
-        self.module.train(mode)
-        return self
-
-    def __call__(self, *args, **kwargs):
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-            return self.module(*args, **kwargs)
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses = loss_dict
+                loss_dict = {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad()
+        losses.backward()
+        after_backward = getattr(self, "after_backward", None)  # detectron2 main's hook point
+        if after_backward is not None:
+            after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
 
 
-class LeanCPUAutocastTrainer(LeanSimpleTrainer):
-    """``LeanSimpleTrainer`` whose forward pass (model and losses) runs under CPU autocast with
-    bfloat16; parameters, gradients and optimizer state stay float32, and bfloat16 needs no
-    loss scaling. The criterion, the matcher and Mask2Former's pixel decoder compute in float32
-    under autocast, as they do under CUDA AMP."""
-
-    def __init__(self, model, data_loader, optimizer, **kwargs):
-        super().__init__(_BF16AutocastForward(model), data_loader, optimizer, **kwargs)
+class LeanCPUAutocastTrainer(_ReleaseGradientsAfterStep, CPUAutocastTrainer):
+    """:class:`CPUAutocastTrainer` that frees the gradients after the optimizer step."""
 
 
 def build_step_trainer(cfg, model, data_loader, optimizer):
