@@ -3,11 +3,13 @@ on the shapes datasets, CPU training + evaluation through ``main()``, resuming, 
 evaluator dispatch, PQ of the real COCO panoptic sample and semantic test-time augmentation."""
 
 import copy
+import inspect
 import json
 import logging
 import math
 import platform
 import re
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -364,6 +366,62 @@ def test_cpu_bf16_trainer_autocasts_the_forward_pass_only(monkeypatch, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("no native bfloat16" in m and "float32" in m for m in messages)
     assert any("MODEL.DEVICE is 'cuda'" in m for m in messages)
+
+
+def test_cpu_bf16_trainer_honours_detectron2_main_options():
+    if "async_write_metrics" not in inspect.signature(SimpleTrainer.__init__).parameters:
+        pytest.skip("detectron2 v0.6's SimpleTrainer has no zero_grad_before_forward/async options")
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    reference = nn.Linear(3, 1)
+    reference.load_state_dict(model.state_dict())
+    batches = [torch.randn(4, 3) for _ in range(2)]
+
+    class LossModel(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            events.append("forward")
+            return {"loss": self.inner(x).float().square().mean()}
+
+    events = []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    zero_grad = optimizer.zero_grad
+    optimizer.zero_grad = lambda *a, **k: events.append("zero_grad") or zero_grad(*a, **k)
+    step_trainer = LeanCPUAutocastTrainer(
+        LossModel(model),
+        iter(batches),
+        optimizer,
+        zero_grad_before_forward=True,
+        async_write_metrics=True,
+    )
+    write_metrics = step_trainer._write_metrics
+    writer_threads = []
+    step_trainer._write_metrics = lambda *a, **k: (
+        writer_threads.append(threading.current_thread()) or write_metrics(*a, **k)
+    )
+    with EventStorage(0) as storage:
+        step_trainer.storage = storage
+        for _ in batches:
+            step_trainer.run_step()
+            storage.step()
+        step_trainer.concurrent_executor.shutdown(wait=True)
+        assert len(storage.history("total_loss").values()) == 2
+    # The gradients are zeroed before each forward pass (and freed after each step) ...
+    assert events[:3] == ["zero_grad", "forward", "zero_grad"]
+    # ... and the metrics are written by the executor's thread.
+    assert len(writer_threads) == 2 and threading.current_thread() not in writer_threads
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for x in batches:
+        ref_optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = reference(x).float().square().mean()
+        loss.backward()
+        ref_optimizer.step()
+    for param, ref in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(param, ref, rtol=0, atol=0)
 
 
 def test_cpu_native_bf16_check_agrees_with_cpuinfo():

@@ -44,9 +44,9 @@ logger = logging.getLogger("mask_former.run_demo")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/shapes/maskformer_R18_shapes.yaml"
-# The default config trains under bfloat16 autocast (SOLVER.AMP.CPU_BF16), about 0.29 s per
+# The default config trains under bfloat16 autocast (SOLVER.AMP.CPU_BF16), 0.30-0.33 s per
 # iteration on the development machine. A CPU without native bfloat16 trains in float32 instead
-# (about 0.35 s there), so the demo then runs the iterations that fit the same time (README, demo).
+# (0.35-0.37 s there), so the demo then runs the iterations that fit the same time (README, demo).
 FLOAT32_MAX_ITER = 2300
 VIS_SCALE = 2.0  # the images are small (128-256 px): upscale so that labels stay legible
 SCORE_THRESHOLD = 0.5  # instances drawn in the visualisations

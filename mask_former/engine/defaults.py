@@ -153,7 +153,9 @@ class CPUAutocastTrainer(SimpleTrainer):
     ``torch.autocast("cpu", dtype=torch.bfloat16)``, as ``AMPTrainer`` does on CUDA: the backward
     pass and the optimizer step run outside autocast, parameters, gradients and optimizer state
     stay float32, and bfloat16 needs no loss scaling. The criterion, the matcher and Mask2Former's
-    pixel decoder compute in float32 under autocast, as they do under CUDA AMP."""
+    pixel decoder compute in float32 under autocast, as they do under CUDA AMP. The options of
+    detectron2 main's ``SimpleTrainer`` (``zero_grad_before_forward``, ``async_write_metrics``)
+    are honoured where that version has them."""
 
     def run_step(self):
         assert self.model.training, "[CPUAutocastTrainer] model was changed to eval mode!"
@@ -161,6 +163,9 @@ class CPUAutocastTrainer(SimpleTrainer):
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
 
+        zero_grad_first = getattr(self, "zero_grad_before_forward", False)
+        if zero_grad_first:
+            self.optimizer.zero_grad()
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
             loss_dict = self.model(data)
             if isinstance(loss_dict, torch.Tensor):
@@ -169,12 +174,18 @@ class CPUAutocastTrainer(SimpleTrainer):
             else:
                 losses = sum(loss_dict.values())
 
-        self.optimizer.zero_grad()
+        if not zero_grad_first:
+            self.optimizer.zero_grad()
         losses.backward()
         after_backward = getattr(self, "after_backward", None)  # detectron2 main's hook point
         if after_backward is not None:
             after_backward()
-        self._write_metrics(loss_dict, data_time)
+        if getattr(self, "async_write_metrics", False):
+            self.concurrent_executor.submit(
+                self._write_metrics, loss_dict, data_time, iter=self.iter
+            )
+        else:
+            self._write_metrics(loss_dict, data_time)
         self.optimizer.step()
 
 
