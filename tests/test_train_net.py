@@ -270,23 +270,49 @@ def test_amp_trainer_resumes_a_checkpoint_saved_without_amp(caplog):
     assert loaded == [{"scale": 1024.0}]
 
 
-def test_step_trainer_frees_gradients_after_the_step():
+class _SquaredOutputLoss(nn.Module):
+    """{"loss": mean squared output of ``inner``}; calls ``on_forward(output)`` first."""
+
+    def __init__(self, inner, on_forward=None):
+        super().__init__()
+        self.inner = inner
+        self.on_forward = on_forward
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.on_forward is not None:
+            self.on_forward(out)
+        return {"loss": out.float().square().mean()}
+
+
+def _linear_model_and_copy():
+    """A seeded nn.Linear, a copy of it and two batches."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     reference = nn.Linear(3, 1)
     reference.load_state_dict(model.state_dict())
-    batches = [torch.randn(4, 3) for _ in range(2)]
+    return model, reference, [torch.randn(4, 3) for _ in range(2)]
 
-    class LossModel(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
 
-        def forward(self, x):
-            return {"loss": self.inner(x).square().mean()}
+def _assert_sgd_updates(model, reference, batches, bf16):
+    """``model`` went through the SGD steps (lr 0.1) that ``reference`` takes here on
+    ``batches``, with the forward pass under CPU bfloat16 autocast if ``bf16``."""
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for x in batches:
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = _SquaredOutputLoss(reference)(x)["loss"]
+        loss.backward()
+        optimizer.step()
+    for param, ref in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(param, ref, rtol=0, atol=0)
 
+
+def test_step_trainer_frees_gradients_after_the_step():
+    model, reference, batches = _linear_model_and_copy()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    step_trainer = build_step_trainer(tiny_cfg(), LossModel(model), iter(batches), optimizer)
+    loss_model = _SquaredOutputLoss(model)
+    step_trainer = build_step_trainer(tiny_cfg(), loss_model, iter(batches), optimizer)
     seen = []
     step_trainer.model.register_forward_pre_hook(
         lambda *_: seen.append([p.grad for p in model.parameters()])
@@ -299,38 +325,19 @@ def test_step_trainer_frees_gradients_after_the_step():
     assert seen[1] == [None, None]
     assert all(p.grad is None for p in model.parameters())
     # ... while the updates are those of plain SGD.
-    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for x in batches:
-        ref_optimizer.zero_grad()
-        reference(x).square().mean().backward()
-        ref_optimizer.step()
-    for param, ref in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(param, ref)
+    _assert_sgd_updates(model, reference, batches, bf16=False)
 
 
 def test_cpu_bf16_trainer_autocasts_the_forward_pass_only(monkeypatch, caplog):
     # Whether or not this CPU has native bfloat16 (the CI machine's may not).
     monkeypatch.setattr(engine_defaults, "cpu_has_native_bf16", lambda: True)
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    reference = nn.Linear(3, 1)
-    reference.load_state_dict(model.state_dict())
-    batches = [torch.randn(4, 3) for _ in range(2)]
+    model, reference, batches = _linear_model_and_copy()
     seen = []
-
-    class LossModel(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            out = self.inner(x)
-            seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
-            return {"loss": out.float().square().mean()}
-
+    loss_model = _SquaredOutputLoss(
+        model, lambda out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+    )
     cfg = tiny_cfg(SOLVER__AMP__CPU_BF16=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss_model = LossModel(model)
     step_trainer = build_step_trainer(cfg, loss_model, iter(batches), optimizer)
     assert type(step_trainer) is LeanCPUAutocastTrainer
     assert step_trainer.model is loss_model  # DefaultTrainer.model: evaluation uses it unwrapped
@@ -342,15 +349,7 @@ def test_cpu_bf16_trainer_autocasts_the_forward_pass_only(monkeypatch, caplog):
     assert not torch.is_autocast_enabled("cpu")
     assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
     # The updates are SGD's on the gradients of the bfloat16 forward pass.
-    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for x in batches:
-        ref_optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = reference(x).float().square().mean()
-        loss.backward()
-        ref_optimizer.step()
-    for param, ref in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(param, ref, rtol=0, atol=0)
+    _assert_sgd_updates(model, reference, batches, bf16=True)
     # Off by default; asked for another device or without native bfloat16, it is ignored with a
     # warning.
     assert not cpu_bf16_enabled(tiny_cfg())
@@ -371,27 +370,13 @@ def test_cpu_bf16_trainer_autocasts_the_forward_pass_only(monkeypatch, caplog):
 def test_cpu_bf16_trainer_honours_detectron2_main_options():
     if "async_write_metrics" not in inspect.signature(SimpleTrainer.__init__).parameters:
         pytest.skip("detectron2 v0.6's SimpleTrainer has no zero_grad_before_forward/async options")
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    reference = nn.Linear(3, 1)
-    reference.load_state_dict(model.state_dict())
-    batches = [torch.randn(4, 3) for _ in range(2)]
-
-    class LossModel(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            events.append("forward")
-            return {"loss": self.inner(x).float().square().mean()}
-
+    model, reference, batches = _linear_model_and_copy()
     events = []
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     zero_grad = optimizer.zero_grad
     optimizer.zero_grad = lambda *a, **k: events.append("zero_grad") or zero_grad(*a, **k)
     step_trainer = LeanCPUAutocastTrainer(
-        LossModel(model),
+        _SquaredOutputLoss(model, lambda _: events.append("forward")),
         iter(batches),
         optimizer,
         zero_grad_before_forward=True,
@@ -413,15 +398,7 @@ def test_cpu_bf16_trainer_honours_detectron2_main_options():
     assert events[:3] == ["zero_grad", "forward", "zero_grad"]
     # ... and the metrics are written by the executor's thread.
     assert len(writer_threads) == 2 and threading.current_thread() not in writer_threads
-    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    for x in batches:
-        ref_optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = reference(x).float().square().mean()
-        loss.backward()
-        ref_optimizer.step()
-    for param, ref in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(param, ref, rtol=0, atol=0)
+    _assert_sgd_updates(model, reference, batches, bf16=True)
 
 
 def test_cpu_native_bf16_check_agrees_with_cpuinfo():
