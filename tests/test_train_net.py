@@ -241,7 +241,14 @@ def test_amp_is_skipped_on_cpu(caplog):
     with caplog.at_level(logging.WARNING, logger="mask_former.engine.defaults"):
         step_trainer = build_step_trainer(cfg, model, [], optimizer)
     assert type(step_trainer) is LeanSimpleTrainer and isinstance(step_trainer, SimpleTrainer)
-    assert any("AMP skipped" in r.getMessage() for r in caplog.records)
+    assert any("AMP skipped, training in fp32" in r.getMessage() for r in caplog.records)
+    # With CPU_BF16 too, the CPU's bfloat16 autocast may take over: the log does not say fp32.
+    cfg.SOLVER.AMP.CPU_BF16 = True
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mask_former.engine.defaults"):
+        assert not amp_enabled(cfg)
+    assert [r.getMessage() for r in caplog.records if "AMP skipped" in r.getMessage()]
+    assert not any("fp32" in r.getMessage() for r in caplog.records)
     cfg.SOLVER.AMP.ENABLED = False
     caplog.clear()
     assert not amp_enabled(cfg) and not caplog.records

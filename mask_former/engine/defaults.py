@@ -77,11 +77,15 @@ def amp_enabled(cfg):
         return False
     if torch.device(cfg.MODEL.DEVICE).type == "cuda" and torch.cuda.is_available():
         return True
+    if cfg.SOLVER.AMP.get("CPU_BF16", False):
+        outcome = "CUDA AMP skipped (SOLVER.AMP.CPU_BF16 decides about bfloat16 on the CPU)"
+    else:
+        outcome = "AMP skipped, training in fp32 (SOLVER.AMP.CPU_BF16: bfloat16 autocast on CPU)"
     logger.warning(
-        "SOLVER.AMP.ENABLED is set but MODEL.DEVICE is %r (CUDA available: %s): CUDA AMP skipped "
-        "(SOLVER.AMP.CPU_BF16 chooses bfloat16 autocast on the CPU)",
+        "SOLVER.AMP.ENABLED is set but MODEL.DEVICE is %r (CUDA available: %s): %s",
         cfg.MODEL.DEVICE,
         torch.cuda.is_available(),
+        outcome,
     )
     return False
 
