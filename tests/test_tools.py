@@ -302,7 +302,12 @@ def test_demo_trains_the_float32_iterations_without_native_bf16(monkeypatch, cap
     assert any("no native bfloat16" in r.getMessage() for r in caplog.records)
     # --max-iter and other configs keep their iterations.
     assert run_demo.demo_max_iter(run_demo.parse_args(["--max-iter", "5"])) == 5
-    other = ["--config-file", "configs/shapes/maskformer2_R18_shapes.yaml"]
+    other = ["--config-file", str(REPO / "configs/shapes/maskformer2_R18_shapes.yaml")]
     assert run_demo.demo_max_iter(run_demo.parse_args(other)) is None
     monkeypatch.setattr(run_demo, "cpu_has_native_bf16", lambda: True)
     assert run_demo.demo_max_iter(run_demo.parse_args([])) is None
+    # The default config, named by its absolute path, trained in float32 on request.
+    default = ["--config-file", str(REPO / run_demo.DEFAULT_CONFIG)]
+    assert run_demo.demo_max_iter(run_demo.parse_args(default)) is None
+    float32 = run_demo.parse_args(default + ["SOLVER.AMP.CPU_BF16", "False"])
+    assert run_demo.demo_max_iter(float32) == run_demo.FLOAT32_MAX_ITER

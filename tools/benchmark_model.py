@@ -47,8 +47,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--amp",
         action="store_true",
-        help="autocast: float16 with loss scaling on CUDA (SOLVER.AMP.ENABLED), bfloat16 on the "
-        "CPU (SOLVER.AMP.CPU_BF16)",
+        help="autocast: float16 with loss scaling on CUDA (as SOLVER.AMP.ENABLED trains), "
+        "bfloat16 on the CPU (as SOLVER.AMP.CPU_BF16 trains, here also without native bfloat16)",
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args(argv)
@@ -62,7 +62,6 @@ def setup_cfg(args):
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = ""
     cfg.SOLVER.AMP.ENABLED = args.amp  # --amp decides, also for the optimizer build_optimizer makes
-    cfg.SOLVER.AMP.CPU_BF16 = args.amp
     cfg.freeze()
     return cfg
 

@@ -99,15 +99,26 @@ def prepare_data(args):
 
 
 def demo_max_iter(args):
-    """``--max-iter``; else, for the default config on a CPU without native bfloat16,
-    FLOAT32_MAX_ITER (logged); else None (the config's)."""
-    if args.max_iter is not None or os.path.normpath(args.config_file) != DEFAULT_CONFIG:
+    """``--max-iter``; else, for the default config trained in float32 (a CPU without native
+    bfloat16, or ``SOLVER.AMP.CPU_BF16 False`` among the overrides), FLOAT32_MAX_ITER (logged);
+    else None (the config's)."""
+    default_config = os.path.realpath(os.path.join(REPO, DEFAULT_CONFIG))
+    if args.max_iter is not None or os.path.realpath(args.config_file) != default_config:
         return args.max_iter
-    if cpu_has_native_bf16():
+    cfg = get_cfg()
+    add_mask_former_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(args.opts))
+    if not cfg.SOLVER.AMP.CPU_BF16:
+        reason = "SOLVER.AMP.CPU_BF16 is off"
+    elif not cpu_has_native_bf16():
+        reason = "this CPU has no native bfloat16"
+    else:
         return None
     logger.warning(
-        "This CPU has no native bfloat16: the demo trains in float32, %d iterations instead of "
-        "the config's (pass --max-iter to choose)",
+        "%s: the demo trains in float32, %d iterations instead of the config's (pass --max-iter "
+        "to choose)",
+        reason,
         FLOAT32_MAX_ITER,
     )
     return FLOAT32_MAX_ITER

@@ -93,12 +93,12 @@ def amp_enabled(cfg):
 def cpu_has_native_bf16():
     """Whether this CPU computes bfloat16 natively: AVX512-BF16 or AMX on x86 (elsewhere, what
     oneDNN reports). Without it oneDNN emulates bfloat16, which is not faster than float32."""
-    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
     try:
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+            return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError):  # a torch without these queries: not detected
         return False
 
 
@@ -111,7 +111,10 @@ def cpu_bf16_enabled(cfg):
     if torch.device(cfg.MODEL.DEVICE).type != "cpu":
         reason = f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} (SOLVER.AMP.ENABLED chooses CUDA AMP)"
     elif not cpu_has_native_bf16():
-        reason = "this CPU has no native bfloat16 (AVX512-BF16 or AMX), where it would be slower"
+        reason = (
+            "no native bfloat16 (AVX512-BF16 or AMX) was detected on this CPU, where it would be "
+            "slower"
+        )
     else:
         return True
     logger.warning("SOLVER.AMP.CPU_BF16 is set but %s: training in float32", reason)
