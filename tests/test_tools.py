@@ -17,6 +17,7 @@ from fvcore.nn import FlopCountAnalysis
 from PIL import Image
 
 from mask_former import add_mask_former_config
+from mask_former.engine import defaults as engine_defaults
 
 DATASET = "tools_test_images"
 STEM_CHANNELS = 16  # TINY_OVERRIDES' MODEL.RESNETS.STEM_OUT_CHANNELS
@@ -296,15 +297,17 @@ def test_demo_trains_the_float32_iterations_without_native_bf16(monkeypatch, cap
     add_mask_former_config(cfg)
     cfg.merge_from_file(str(REPO / run_demo.DEFAULT_CONFIG), allow_unsafe=False)
     assert cfg.SOLVER.AMP.CPU_BF16 and cfg.SOLVER.MAX_ITER > run_demo.FLOAT32_MAX_ITER
-    monkeypatch.setattr(run_demo, "cpu_has_native_bf16", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="mask_former.run_demo"):
+    monkeypatch.setattr(engine_defaults, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING):
         assert run_demo.demo_max_iter(run_demo.parse_args([])) == run_demo.FLOAT32_MAX_ITER
-    assert any("no native bfloat16" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("no native bfloat16" in m for m in messages)
+    assert any("The demo trains in float32" in m for m in messages)
     # --max-iter and other configs keep their iterations.
     assert run_demo.demo_max_iter(run_demo.parse_args(["--max-iter", "5"])) == 5
     other = ["--config-file", str(REPO / "configs/shapes/maskformer2_R18_shapes.yaml")]
     assert run_demo.demo_max_iter(run_demo.parse_args(other)) is None
-    monkeypatch.setattr(run_demo, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(engine_defaults, "cpu_has_native_bf16", lambda: True)
     assert run_demo.demo_max_iter(run_demo.parse_args([])) is None
     # The default config, named by its absolute path, trained in float32 on request.
     default = ["--config-file", str(REPO / run_demo.DEFAULT_CONFIG)]

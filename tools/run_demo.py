@@ -38,7 +38,7 @@ from mask_former.data.datasets.shapes import (
     num_images_from_env,
     prepare_shapes_dataset,
 )
-from mask_former.engine import cpu_has_native_bf16, tune_malloc
+from mask_former.engine import cpu_bf16_enabled, tune_malloc
 
 logger = logging.getLogger("mask_former.run_demo")
 
@@ -108,17 +108,12 @@ def demo_max_iter(args):
     cfg = get_cfg()
     add_mask_former_config(cfg)
     cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
-    if not cfg.SOLVER.AMP.CPU_BF16:
-        reason = "SOLVER.AMP.CPU_BF16 is off"
-    elif not cpu_has_native_bf16():
-        reason = "this CPU has no native bfloat16"
-    else:
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *args.opts])
+    if cpu_bf16_enabled(cfg):  # logs why not when SOLVER.AMP.CPU_BF16 is set
         return None
     logger.warning(
-        "%s: the demo trains in float32, %d iterations instead of the config's (pass --max-iter "
-        "to choose)",
-        reason,
+        "The demo trains in float32: %d iterations instead of the config's (pass --max-iter to "
+        "choose)",
         FLOAT32_MAX_ITER,
     )
     return FLOAT32_MAX_ITER
