@@ -2,6 +2,7 @@
 COCO panoptic sample of ``../shared/data/coco_panoptic_sample``."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -507,6 +508,42 @@ def test_instance_lsj_filters_empty_and_adds_boxes(synthetic):
         assert set(instances.gt_classes.tolist()) <= {0, 1, 2, 3, 4}
         counts.add(len(instances))
     assert 5 in counts and min(counts) < 5, "large crops should drop some instances"
+
+
+def test_instance_mapper_logs_dropped_instance_totals(synthetic, caplog, monkeypatch):
+    """Dropped instances are logged as running totals, at most once a minute (LSJ drops some in
+    most images; one line per image flooded the training log)."""
+    import detectron2.utils.logger as d2_logger
+
+    monkeypatch.setattr(d2_logger, "_LOG_TIMER", {})
+    crop = T.CropTransform(0, 0, W // 2, H)  # the left half: the right-half polygon leaves it
+    annotations = [
+        {"category_id": 1, "iscrowd": 0, "segmentation": [[2.0, 2, 20, 2, 20, 20, 2, 20]]},
+        {"category_id": 2, "iscrowd": 0, "segmentation": [[40.0, 2, 50, 2, 50, 20, 40, 20]]},
+    ]
+    record = {"file_name": synthetic["paths"]["image"], "annotations": annotations}
+    mapper = COCOInstanceNewBaselineDatasetMapper(
+        augmentations=[crop],
+        image_format="RGB",
+        size_divisibility=-1,
+        ignore_label=255,
+        num_classes=5,
+    )
+    logger_name = "mask_former.data.dataset_mappers.instance"
+    with caplog.at_level(logging.INFO, logger=logger_name):
+        for _ in range(3):
+            assert mapper(dict(record))["instances"].gt_classes.tolist() == [1]
+    messages = [r.getMessage() for r in caplog.records if r.name == logger_name]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("1 of 2 instances so far were empty after augmentation")
+    assert synthetic["paths"]["image"] in messages[0]
+    assert (mapper._num_dropped, mapper._num_instances) == (3, 6)
+    assert COCOInstanceNewBaselineDatasetMapper._num_dropped == 0  # per mapper, not shared
+
+    monkeypatch.setattr(d2_logger, "_LOG_TIMER", {})  # a minute later
+    with caplog.at_level(logging.INFO, logger=logger_name):
+        mapper(dict(record))
+    assert caplog.records[-1].getMessage().startswith("4 of 8 instances so far")
 
 
 @pytest.mark.parametrize("size", [96, 64])

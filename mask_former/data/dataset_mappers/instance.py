@@ -6,6 +6,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from detectron2.structures import polygons_to_bitmask
+from detectron2.utils.logger import log_every_n_seconds
 
 from .base import MaskFormerBaseDatasetMapper, add_mask_boxes, pad_bottom_right
 
@@ -16,8 +17,6 @@ __all__ = [
     "segmentation_to_mask",
     "transform_polygons",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 def transform_polygons(polygons, transforms):
@@ -89,6 +88,9 @@ class MaskFormerInstanceDatasetMapper(MaskFormerBaseDatasetMapper):
 
     augmentation_kind = "instance"
     class_names_key = "thing_classes"
+    # Running totals of this mapper (per data-loader worker) for the log line on dropped instances.
+    _num_instances = 0
+    _num_dropped = 0
 
     def build_targets(self, dataset_dict, aug_input, transforms):
         """Class ids and masks of the non-crowd annotations; see the base class."""
@@ -109,10 +111,18 @@ class MaskFormerInstanceDatasetMapper(MaskFormerBaseDatasetMapper):
                 continue
             classes.append(int(annotation["category_id"]))
             masks.append(mask)
-        if len(classes) < len(annotations):
-            logger.debug(
-                f"{file_name}: {len(annotations) - len(classes)} of {len(annotations)} instances "
-                "are empty after augmentation and were dropped"
+        dropped = len(annotations) - len(classes)
+        self._num_instances += len(annotations)
+        self._num_dropped += dropped
+        if dropped:
+            # Large-scale jitter empties instances in most images: totals, once a minute at most.
+            log_every_n_seconds(
+                logging.INFO,
+                f"{self._num_dropped} of {self._num_instances} instances so far were empty after "
+                f"augmentation and were dropped (latest: {dropped} of {len(annotations)} in "
+                f"{file_name})",
+                n=60,
+                name=__name__,
             )
         return classes, masks
 
