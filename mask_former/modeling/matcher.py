@@ -236,37 +236,33 @@ class HungarianMatcher(nn.Module):
         self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]
     ) -> List[Tensor]:
         """
-        MaskFormer costs at the predictions' resolution, for the whole batch at once.
+        MaskFormer costs at the predictions' resolution, one [Q, n] matrix per image.
 
-        All targets of the batch are stacked so that one [B * Q, N] matrix is computed; the
-        per-image matrices are its diagonal blocks.
+        Image by image, as published: a matrix product over the whole batch's targets would
+        compute the B - 1 off-diagonal blocks for nothing, and its rounding would depend on the
+        other images' targets.
         """
         pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
-        num_images, num_queries = pred_masks.shape[:2]
-        sizes = [len(t["labels"]) for t in targets]
-        if sum(sizes) == 0:
-            return [torch.zeros(num_queries, 0) for _ in targets]
-
-        labels = torch.cat([t["labels"] for t in targets])
-        target_masks = torch.cat(
-            [
-                self._downsample(t["masks"], pred_masks.shape[-2:])
-                for t in targets
-                if len(t["labels"])
-            ]
-        ).to(pred_masks.device)
-        class_prob = pred_logits.flatten(0, 1).float().softmax(-1)
-        pred_masks = pred_masks.flatten(0, 1).flatten(1).float()
-
-        probs = pred_masks.sigmoid()
-        cost = self._total_cost(
-            class_prob,
-            labels.to(class_prob.device),
-            _focal_cost(pred_masks, probs, target_masks, FOCAL_ALPHA, FOCAL_GAMMA),
-            _dice_cost(probs, target_masks),
-        )
-        cost = cost.view(num_images, num_queries, -1).cpu()
-        return [block[i] for i, block in enumerate(cost.split(sizes, dim=-1))]
+        num_queries = pred_masks.shape[1]
+        class_prob = pred_logits.float().softmax(-1)
+        costs = []
+        for image_idx, target in enumerate(targets):
+            labels = target["labels"]
+            if len(labels) == 0:
+                costs.append(torch.zeros(num_queries, 0))
+                continue
+            logits = pred_masks[image_idx].flatten(1).float()
+            target_masks = self._downsample(target["masks"], pred_masks.shape[-2:])
+            target_masks = target_masks.to(logits.device)
+            probs = logits.sigmoid()
+            cost = self._total_cost(
+                class_prob[image_idx],
+                labels.to(class_prob.device),
+                _focal_cost(logits, probs, target_masks, FOCAL_ALPHA, FOCAL_GAMMA),
+                _dice_cost(probs, target_masks),
+            )
+            costs.append(cost.cpu())
+        return costs
 
     @staticmethod
     def _downsample(masks: Tensor, size) -> Tensor:
