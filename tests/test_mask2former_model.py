@@ -157,6 +157,22 @@ def test_empty_previous_masks_train_without_nan():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.parametrize("size", [(64, 64), (96, 128), (37, 53)])
+def test_dec_layers_1_predicts_from_the_initial_queries(size):
+    # DEC_LAYERS 1 builds no masked-attention layer: as published, the prediction from the
+    # initial queries is the output. (Inference crashed where the decoder skips intermediate
+    # predictions: it took that prediction for an intermediate one.)
+    model = build_model(m2f_tiny_cfg(MODEL__MASK_FORMER__DEC_LAYERS=1))
+    assert model.sem_seg_head.predictor.num_layers == 0
+    losses = model.train()(random_batch([(64, 64), (48, 80)]))
+    assert set(losses) == {"loss_ce", "loss_mask", "loss_dice"}
+    model.eval()
+    with torch.no_grad():
+        (result,) = model(random_batch([size]))
+    assert result["sem_seg"].shape == (5, *size)
+    assert torch.isfinite(result["sem_seg"]).all()
+
+
 @pytest.mark.parametrize("task", ["semantic", "panoptic", "instance"])
 def test_eval_odd_sizes_all_tasks(task):
     cfg = m2f_tiny_cfg(DATASETS__TRAIN=(METADATA_NAME,))

@@ -459,7 +459,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, batch, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, batch, 1)
 
-        outputs_class, outputs_mask, attn_mask = self._predict(output, mask_features, sizes[0])
+        # With no layers (DEC_LAYERS 1), the prediction from the initial queries is the last one.
+        outputs_class, outputs_mask, attn_mask = self._predict(
+            output, mask_features, sizes[0], last=self.num_layers == 0
+        )
         predictions = [(outputs_class, outputs_mask)]
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
