@@ -69,7 +69,14 @@ class SemanticSegmentorWithTTA(nn.Module):
         for augmented in augmented_inputs:
             transforms = augmented.pop("transforms")
             with torch.no_grad():
-                sem_seg = self.model([augmented])[0]["sem_seg"]
+                result = self.model([augmented])[0]
+            if "sem_seg" not in result:
+                raise ValueError(
+                    f"{type(self).__name__} averages semantic outputs, but the model returned "
+                    f"{sorted(result)}: semantic TTA (TEST.AUG.ENABLED) needs "
+                    "MODEL.MASK_FORMER.TEST.SEMANTIC_ON True"
+                )
+            sem_seg = result["sem_seg"]
             if any(isinstance(t, HFlipTransform) for t in transforms.transforms):
                 sem_seg = sem_seg.flip(dims=[2])
             total = sem_seg if total is None else total + sem_seg

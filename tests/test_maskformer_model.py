@@ -15,9 +15,9 @@ MetadataCatalog.get(METADATA_NAME).set(thing_dataset_id_to_contiguous_id={1: 1, 
 
 
 def golden_model(golden):
+    from conftest import REPO
     from detectron2.config import get_cfg
 
-    from conftest import REPO
     from mask_former import add_mask_former_config
 
     cfg = get_cfg()
@@ -215,6 +215,51 @@ def test_family_derivation_and_override():
     cfg.MODEL.MASK_FORMER.FAMILY = "Mask3Former"
     with pytest.raises(ValueError, match="Mask3Former"):
         resolve_family(cfg)
+
+
+MF_CONFIG = "configs/ade20k-150/maskformer_R50_bs16_160k.yaml"
+M2F_CONFIG = "configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml"
+M2F_INSTANCE_CONFIG = "configs/coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml"
+BAD_CONFIG_VALUES = [
+    # (config, overrides, message); each value used to fail later, in torch, without naming its
+    # key, or (TRAIN_NUM_POINTS 0) to train silently with MaskFormer's pixel-wise losses.
+    (MF_CONFIG, {"MODEL.MASK_FORMER.DEC_LAYERS": 0}, r"DEC_LAYERS must be >= 1, got 0"),
+    (MF_CONFIG, {"MODEL.MASK_FORMER.NUM_OBJECT_QUERIES": 0}, r"NUM_OBJECT_QUERIES must be >= 1"),
+    (M2F_CONFIG, {"MODEL.MASK_FORMER.NUM_OBJECT_QUERIES": 0}, r"NUM_OBJECT_QUERIES must be >= 1"),
+    (MF_CONFIG, {"MODEL.MASK_FORMER.NHEADS": 5}, r"HIDDEN_DIM \(32\) must be a multiple of .*"),
+    (
+        M2F_CONFIG,
+        {"MODEL.MASK_FORMER.HIDDEN_DIM": 33, "MODEL.MASK_FORMER.NHEADS": 1},
+        r"HIDDEN_DIM must be even",
+    ),
+    (
+        M2F_CONFIG,
+        {"MODEL.MASK_FORMER.HIDDEN_DIM": 40, "MODEL.MASK_FORMER.NHEADS": 5},
+        r"CONVS_DIM \(32\) must be a multiple of MODEL.MASK_FORMER.NHEADS \(5\)",
+    ),
+    (M2F_CONFIG, {"MODEL.MASK_FORMER.TRAIN_NUM_POINTS": 0}, r"TRAIN_NUM_POINTS must be >= 1"),
+    (M2F_CONFIG, {"MODEL.MASK_FORMER.OVERSAMPLE_RATIO": 0.5}, r"OVERSAMPLE_RATIO must be >= 1"),
+    (M2F_CONFIG, {"MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO": 1.5}, r"must be in \[0, 1\]"),
+    (
+        M2F_CONFIG,
+        {"MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE": "res5"},
+        r"TRANSFORMER_IN_FEATURE='res5' does not suit MultiScaleMaskedTransformerDecoder",
+    ),
+    (
+        MF_CONFIG,
+        {"MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE": "multi_scale_pixel_decoder"},
+        r"does not suit StandardTransformerDecoder .* reads one map",
+    ),
+    (M2F_INSTANCE_CONFIG, {"TEST.DETECTIONS_PER_IMAGE": -1}, r"DETECTIONS_PER_IMAGE must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("config_file, overrides, message", BAD_CONFIG_VALUES)
+def test_bad_config_values_are_rejected_when_building(config_file, overrides, message):
+    cfg = tiny_cfg(config_file)
+    set_flat(cfg, overrides)
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)
 
 
 @pytest.mark.parametrize(

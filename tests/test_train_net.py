@@ -924,6 +924,16 @@ def test_tta_with_one_scale_and_no_flip_equals_the_model():
     assert torch.equal(batched, plain)
 
 
+def test_tta_of_a_model_without_semantic_output_says_why():
+    cfg = tiny_cfg("configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml")
+    set_flat(cfg, {"TEST.AUG.MIN_SIZES": (48,), "TEST.AUG.FLIP": False})
+    cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = False  # Mask2Former then returns no sem_seg
+    cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON = True
+    model = build_model(cfg).eval()
+    with pytest.raises(ValueError, match=r"returned \['instances'\].*SEMANTIC_ON True"):
+        SemanticSegmentorWithTTA(cfg, model)([{"image": _image()}])
+
+
 def test_tta_averages_scales_and_flips_of_the_real_model():
     cfg = _tta_cfg((32, 48), True)
     model = build_model(cfg).eval()

@@ -349,6 +349,22 @@ def _maskformer_settings(mf_cfg) -> Dict:
 
 def _mask2former_settings(mf_cfg) -> Dict:
     """Mask2Former: configured class weight, point-sampled mask losses."""
+    # Checked here: 0 points would silently select MaskFormer's pixel-wise losses, and
+    # detectron2's point sampling only asserts its ratios at the first training step.
+    if mf_cfg.TRAIN_NUM_POINTS < 1:
+        raise ValueError(
+            "MODEL.MASK_FORMER.TRAIN_NUM_POINTS must be >= 1 for Mask2Former's point-sampled "
+            f"matching and losses, got {mf_cfg.TRAIN_NUM_POINTS}"
+        )
+    if mf_cfg.OVERSAMPLE_RATIO < 1:
+        raise ValueError(
+            f"MODEL.MASK_FORMER.OVERSAMPLE_RATIO must be >= 1, got {mf_cfg.OVERSAMPLE_RATIO}"
+        )
+    if not 0 <= mf_cfg.IMPORTANCE_SAMPLE_RATIO <= 1:
+        raise ValueError(
+            "MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO must be in [0, 1], got "
+            f"{mf_cfg.IMPORTANCE_SAMPLE_RATIO}"
+        )
     return {
         "class_weight": mf_cfg.CLASS_WEIGHT,
         "num_points": mf_cfg.TRAIN_NUM_POINTS,

@@ -44,6 +44,26 @@ def transformer_input_channels(cfg, input_shape):
     return input_shape[name].channels
 
 
+def check_transformer_in_feature(predictor, name):
+    """
+    Raises ValueError when MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE does not give ``predictor``
+    what it reads: the multi-scale levels, or one map. Decoders without a
+    ``reads_multi_scale_features`` attribute (e.g. registered by users) are not checked.
+    """
+    multi_scale = getattr(predictor, "reads_multi_scale_features", None)
+    if multi_scale is None or multi_scale == (name == "multi_scale_pixel_decoder"):
+        return
+    decoder = type(predictor).__name__
+    if multi_scale:
+        expected = "'multi_scale_pixel_decoder'"
+    else:
+        expected = "one map: a backbone feature, 'transformer_encoder' or 'pixel_embedding'"
+    raise ValueError(
+        f"MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE={name!r} does not suit {decoder} "
+        f"(MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME), which reads {expected}"
+    )
+
+
 def run_pixel_decoder(pixel_decoder, features, transformer_in_feature):
     """
     Runs the pixel decoder and picks the transformer decoder's input.
@@ -167,10 +187,12 @@ class MaskFormerHead(PixelDecoderLayoutMixin, nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         ret = common_head_config(cfg, input_shape)
-        ret["transformer_in_feature"] = cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE
+        name = cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE
+        ret["transformer_in_feature"] = name
         ret["transformer_predictor"] = build_transformer_decoder(
             cfg, transformer_input_channels(cfg, ret["input_shape"]), mask_classification=True
         )
+        check_transformer_in_feature(ret["transformer_predictor"], name)
         return ret
 
     def forward(self, features, mask=None):

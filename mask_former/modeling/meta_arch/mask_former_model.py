@@ -155,6 +155,11 @@ class MaskFormer(nn.Module):
         self.semantic_on = semantic_on
         self.panoptic_on = panoptic_on
         self.instance_on = instance_on
+        if instance_on and test_topk_per_image < 0:
+            raise ValueError(
+                f"TEST.DETECTIONS_PER_IMAGE must be >= 0 for instance outputs, got "
+                f"{test_topk_per_image}"
+            )
         self.test_topk_per_image = test_topk_per_image
         self.panoptic_mask_threshold_pixels = panoptic_mask_threshold_pixels
         if (panoptic_on or instance_on) and self._thing_mapping() is None:

@@ -14,6 +14,7 @@ from ..pixel_decoder import pixel_decoder_outputs
 from ..transformer_decoder import build_transformer_decoder
 from .mask_former_head import (
     PixelDecoderLayoutMixin,
+    check_transformer_in_feature,
     common_head_config,
     run_pixel_decoder,
     transformer_input_channels,
@@ -149,6 +150,7 @@ class PerPixelBaselinePlusHead(PerPixelBaselineHead):
         ret["transformer_predictor"] = build_transformer_decoder(
             cfg, transformer_input_channels(cfg, ret["input_shape"]), mask_classification=False
         )
+        check_transformer_in_feature(ret["transformer_predictor"], ret["transformer_in_feature"])
         ret["deep_supervision"] = cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION
         return ret
 

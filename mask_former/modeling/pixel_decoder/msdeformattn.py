@@ -447,6 +447,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
         head = cfg.MODEL.SEM_SEG_HEAD
         mf = cfg.MODEL.MASK_FORMER
         _log_unread_keys(head, {"N_HEADS": mf.NHEADS, "N_POINTS": ENCODER_NUM_POINTS})
+        if mf.NHEADS < 1 or head.CONVS_DIM % mf.NHEADS:
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.CONVS_DIM ({head.CONVS_DIM}) must be a multiple of "
+                f"MODEL.MASK_FORMER.NHEADS ({mf.NHEADS}): the deformable encoder has NHEADS heads "
+                "(as published)"
+            )
         return {
             "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
             "conv_dim": head.CONVS_DIM,

@@ -11,6 +11,31 @@ The registered object is called with ``(cfg, in_channels, mask_classification)``
 """
 
 
+def check_decoder_config(cfg):
+    """
+    Checks the MODEL.MASK_FORMER keys both decoders read, so that a bad value is reported by its
+    key when the model is built rather than by torch in the first forward pass.
+
+    Raises:
+        ValueError: naming the key and what was expected.
+    """
+    mf = cfg.MODEL.MASK_FORMER
+    if mf.NUM_OBJECT_QUERIES < 1:
+        raise ValueError(
+            f"MODEL.MASK_FORMER.NUM_OBJECT_QUERIES must be >= 1, got {mf.NUM_OBJECT_QUERIES}"
+        )
+    if mf.NHEADS < 1 or mf.HIDDEN_DIM % mf.NHEADS:
+        raise ValueError(
+            f"MODEL.MASK_FORMER.HIDDEN_DIM ({mf.HIDDEN_DIM}) must be a multiple of "
+            f"MODEL.MASK_FORMER.NHEADS ({mf.NHEADS})"
+        )
+    if mf.HIDDEN_DIM < 2 or mf.HIDDEN_DIM % 2:
+        raise ValueError(
+            f"MODEL.MASK_FORMER.HIDDEN_DIM must be even (the sine positional encoding gives half "
+            f"of the channels to each axis), got {mf.HIDDEN_DIM}"
+        )
+
+
 def build_transformer_decoder(cfg, in_channels, mask_classification=True):
     """Builds the transformer decoder named by MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME."""
     name = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME

@@ -26,7 +26,7 @@ from fvcore.nn import weight_init
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .build import TRANSFORMER_DECODER_REGISTRY
+from .build import TRANSFORMER_DECODER_REGISTRY, check_decoder_config
 from .position_encoding import PositionEmbeddingSine
 from .standard_decoder import MLP
 from .transformer import get_activation_fn
@@ -270,6 +270,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     empty at that level attends everywhere).
     """
 
+    # It reads the pixel decoder's 3 feature levels (MaskFormerHead checks TRANSFORMER_IN_FEATURE).
+    reads_multi_scale_features = True
+
     @configurable
     def __init__(
         self,
@@ -364,6 +367,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     @classmethod
     def from_config(cls, cfg, in_channels, mask_classification):
         mf = cfg.MODEL.MASK_FORMER
+        check_decoder_config(cfg)
         if mf.DEC_LAYERS < 1:
             raise ValueError(
                 f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 1 (the initial prediction counts as "
@@ -448,10 +452,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         Raises:
             ValueError: if ``x`` does not hold 3 levels.
         """
-        if len(x) != self.num_feature_levels:
+        if not isinstance(x, (list, tuple)) or len(x) != self.num_feature_levels:
+            got = f"{len(x)} levels" if isinstance(x, (list, tuple)) else type(x).__name__
             raise ValueError(
-                f"{type(self).__name__} reads {self.num_feature_levels} feature levels, got "
-                f"{len(x)} (TRANSFORMER_IN_FEATURE must be 'multi_scale_pixel_decoder')"
+                f"{type(self).__name__} reads a list of {self.num_feature_levels} feature levels, "
+                f"got {got} (MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE must be "
+                "'multi_scale_pixel_decoder', and the pixel decoder must give that many levels: "
+                "see MODEL.SEM_SEG_HEAD.IN_FEATURES and "
+                "DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES)"
             )
         memories, keys, sizes = self._prepare_levels(x)
         batch = memories[0].shape[1]

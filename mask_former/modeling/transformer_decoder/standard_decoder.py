@@ -7,7 +7,7 @@ from fvcore.nn import weight_init
 from torch import nn
 from torch.nn import functional as F
 
-from .build import TRANSFORMER_DECODER_REGISTRY
+from .build import TRANSFORMER_DECODER_REGISTRY, check_decoder_config
 from .position_encoding import PositionEmbeddingSine
 from .transformer import Transformer
 
@@ -40,6 +40,9 @@ class StandardTransformerDecoder(nn.Module):
     embedding with the per-pixel embeddings ``mask_features``.
     """
 
+    # It reads one feature map (MaskFormerHead checks TRANSFORMER_IN_FEATURE against this).
+    reads_multi_scale_features = False
+
     @configurable
     def __init__(
         self,
@@ -57,7 +60,7 @@ class StandardTransformerDecoder(nn.Module):
         pre_norm: bool,
         deep_supervision: bool,
         mask_dim: int,
-        enforce_input_project: bool
+        enforce_input_project: bool,
     ):
         """
         Args:
@@ -106,6 +109,9 @@ class StandardTransformerDecoder(nn.Module):
     @classmethod
     def from_config(cls, cfg, in_channels, mask_classification):
         mf = cfg.MODEL.MASK_FORMER
+        check_decoder_config(cfg)
+        if mf.DEC_LAYERS < 1:
+            raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 1, got {mf.DEC_LAYERS}")
         return {
             "in_channels": in_channels,
             "mask_classification": mask_classification,
