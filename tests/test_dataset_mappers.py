@@ -510,25 +510,29 @@ def test_instance_lsj_filters_empty_and_adds_boxes(synthetic):
     assert 5 in counts and min(counts) < 5, "large crops should drop some instances"
 
 
+def left_half_lsj_mapper():
+    """The LSJ instance mapper with one fixed augmentation: a crop to the left half."""
+    return COCOInstanceNewBaselineDatasetMapper(
+        augmentations=[T.CropTransform(0, 0, W // 2, H)],
+        image_format="RGB",
+        size_divisibility=-1,
+        ignore_label=255,
+        num_classes=5,
+    )
+
+
 def test_instance_mapper_logs_dropped_instance_totals(synthetic, caplog, monkeypatch):
     """Dropped instances are logged as running totals, at most once a minute (LSJ drops some in
     most images; one line per image flooded the training log)."""
     import detectron2.utils.logger as d2_logger
 
     monkeypatch.setattr(d2_logger, "_LOG_TIMER", {})
-    crop = T.CropTransform(0, 0, W // 2, H)  # the left half: the right-half polygon leaves it
     annotations = [
         {"category_id": 1, "iscrowd": 0, "segmentation": [[2.0, 2, 20, 2, 20, 20, 2, 20]]},
         {"category_id": 2, "iscrowd": 0, "segmentation": [[40.0, 2, 50, 2, 50, 20, 40, 20]]},
     ]
     record = {"file_name": synthetic["paths"]["image"], "annotations": annotations}
-    mapper = COCOInstanceNewBaselineDatasetMapper(
-        augmentations=[crop],
-        image_format="RGB",
-        size_divisibility=-1,
-        ignore_label=255,
-        num_classes=5,
-    )
+    mapper = left_half_lsj_mapper()
     logger_name = "mask_former.data.dataset_mappers.instance"
     with caplog.at_level(logging.INFO, logger=logger_name):
         for _ in range(3):
@@ -568,7 +572,6 @@ def test_instance_lsj_drops_instances_as_published(synthetic):
     """The published LSJ mapper filters instances on their polygons before rasterising: a polygon
     sliver inside the crop that covers no pixel stays a target (empty mask); polygons that left
     the crop are dropped; RLE masks are dropped when the crop empties them."""
-    crop = T.CropTransform(0, 0, W // 2, H)  # the left half
     sliver = [[2.1, 2.1, 2.4, 2.1, 2.1, 2.4]]
     assert not polygons_to_bitmask(sliver, H, W // 2).any()  # the premise: no pixel covered
     right_half = np.zeros((H, W), np.uint8)
@@ -584,13 +587,7 @@ def test_instance_lsj_drops_instances_as_published(synthetic):
         },
     ]
     record = {"file_name": synthetic["paths"]["image"], "annotations": annotations}
-    mapper = COCOInstanceNewBaselineDatasetMapper(
-        augmentations=[crop],
-        image_format="RGB",
-        size_divisibility=-1,
-        ignore_label=255,
-        num_classes=5,
-    )
+    mapper = left_half_lsj_mapper()
     instances = mapper(record)["instances"]
     assert instances.gt_classes.tolist() == [1, 3]
     assert instances.gt_masks.shape == (2, H, W // 2)
