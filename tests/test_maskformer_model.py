@@ -262,6 +262,36 @@ def test_bad_config_values_are_rejected_when_building(config_file, overrides, me
         build_model(cfg)
 
 
+def test_a_subclassed_decoder_may_read_other_inputs_than_its_base():
+    # The TRANSFORMER_IN_FEATURE check applies to the classes that declare what they read, not
+    # to users' subclasses: this one reads the coarsest of the multi-scale levels.
+    from mask_former.modeling.transformer_decoder import (
+        TRANSFORMER_DECODER_REGISTRY,
+        StandardTransformerDecoder,
+    )
+
+    name = "_TestCoarsestLevelDecoder"
+    if name not in TRANSFORMER_DECODER_REGISTRY:
+
+        class _TestCoarsestLevelDecoder(StandardTransformerDecoder):
+            def forward(self, x, mask_features, mask=None):
+                return super().forward(x[0], mask_features, mask)
+
+        TRANSFORMER_DECODER_REGISTRY.register(_TestCoarsestLevelDecoder)
+    cfg = tiny_cfg(M2F_CONFIG)
+    set_flat(
+        cfg,
+        {
+            "MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME": name,
+            "MODEL.MASK_FORMER.FAMILY": "MaskFormer",
+        },
+    )
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        (result,) = model(random_batch([(64, 96)]))
+    assert result["sem_seg"].shape == (5, 64, 96)
+
+
 @pytest.mark.parametrize(
     "image_size, out", [((40, 60), (40, 60)), ((33, 50), (33, 50)), ((33, 50), (70, 20))]
 )

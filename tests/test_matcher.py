@@ -215,10 +215,17 @@ def plain_ce_cost(x, t):
     return (pos @ t.t() + neg @ (1 - t).t()) / x.shape[1]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Runs a test at 1 and at 2 threads, restoring the thread count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 def test_costs_equal_the_plain_formulas_bit_for_bit(threads):
     # The costs compute log_sigmoid once and update temporaries in place; same values to the bit.
-    torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(3)
     x = 4 * torch.randn(7, 300, generator=gen)
     x[0, :8] = torch.tensor([0.0, -0.0, 30.0, -30.0, 100.0, -100.0, 1e4, -1e4])
@@ -241,11 +248,9 @@ def test_costs_equal_the_plain_formulas_bit_for_bit(threads):
     assert torch.equal(cost, expected)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_batched_costs_equal_the_plain_per_image_formulas_bit_for_bit(threads):
     # The published matcher computes each image's costs on its own. Ours too: a matrix product
     # over all the batch's targets rounded differently (~5e-6 relative at these sizes).
-    torch.set_num_threads(threads)
     outputs, targets = random_batch([5, 0, 12, 9], [(216, 320), (8, 8), (216, 320), (200, 300)])
     gen = torch.Generator().manual_seed(6)
     outputs["pred_masks"] = 3 * torch.randn(4, 6, 54, 80, generator=gen)

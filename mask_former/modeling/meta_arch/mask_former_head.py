@@ -47,10 +47,11 @@ def transformer_input_channels(cfg, input_shape):
 def check_transformer_in_feature(predictor, name):
     """
     Raises ValueError when MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE does not give ``predictor``
-    what it reads: the multi-scale levels, or one map. Decoders without a
-    ``reads_multi_scale_features`` attribute (e.g. registered by users) are not checked.
+    what it reads: the multi-scale levels, or one map. Only decoder classes that declare
+    ``reads_multi_scale_features`` themselves are checked (the two built-in ones): a user's
+    subclass may read other inputs than its base.
     """
-    multi_scale = getattr(predictor, "reads_multi_scale_features", None)
+    multi_scale = vars(type(predictor)).get("reads_multi_scale_features")
     if multi_scale is None or multi_scale == (name == "multi_scale_pixel_decoder"):
         return
     decoder = type(predictor).__name__
