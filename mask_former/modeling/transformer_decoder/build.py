@@ -20,6 +20,9 @@ def check_decoder_config(cfg):
         ValueError: naming the key and what was expected.
     """
     mf = cfg.MODEL.MASK_FORMER
+    if mf.DEC_LAYERS < 1:
+        # (Mask2Former counts the prediction from the initial queries as one.)
+        raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 1, got {mf.DEC_LAYERS}")
     if mf.NUM_OBJECT_QUERIES < 1:
         raise ValueError(
             f"MODEL.MASK_FORMER.NUM_OBJECT_QUERIES must be >= 1, got {mf.NUM_OBJECT_QUERIES}"

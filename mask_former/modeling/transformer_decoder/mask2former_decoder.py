@@ -368,11 +368,6 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     def from_config(cls, cfg, in_channels, mask_classification):
         mf = cfg.MODEL.MASK_FORMER
         check_decoder_config(cfg)
-        if mf.DEC_LAYERS < 1:
-            raise ValueError(
-                f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 1 (the initial prediction counts as "
-                f"one), got {mf.DEC_LAYERS}"
-            )
         if mf.DROPOUT != 0:
             log_first_n(
                 logging.WARNING,

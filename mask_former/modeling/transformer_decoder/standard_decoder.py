@@ -110,8 +110,6 @@ class StandardTransformerDecoder(nn.Module):
     def from_config(cls, cfg, in_channels, mask_classification):
         mf = cfg.MODEL.MASK_FORMER
         check_decoder_config(cfg)
-        if mf.DEC_LAYERS < 1:
-            raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 1, got {mf.DEC_LAYERS}")
         return {
             "in_channels": in_channels,
             "mask_classification": mask_classification,
